@@ -1,0 +1,131 @@
+//! Wires the daemon together under one cancellation token: HTTP server, scheduler and
+//! queue workers, on one store.
+
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::platform::PlatformClient;
+use crate::queue::{Queue, RetryPolicy};
+use crate::schedule::Scheduler;
+use crate::store::{DbLock, Store};
+use anyhow::Context;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+pub struct App {
+    addr: SocketAddr,
+    store: Store,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    lock: Option<DbLock>,
+}
+
+impl App {
+    /// Takes the database lock, migrates, binds the listener (port 0 picks a free port)
+    /// and starts every task. Everything stops when `cancel` is cancelled.
+    pub async fn start(
+        config: Config,
+        clock: SharedClock,
+        cancel: CancellationToken,
+    ) -> anyhow::Result<App> {
+        let lock = DbLock::acquire(&config.database.path).map_err(anyhow::Error::msg)?;
+        let store = Store::open(&config.database.path)
+            .await
+            .with_context(|| format!("opening database {}", config.database.path.display()))?;
+        let client =
+            PlatformClient::new(&config.platform).context("building the platform client")?;
+        let listener = tokio::net::TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.server.listen))?;
+        let addr = listener.local_addr()?;
+        let config = Arc::new(config);
+        let queue_notify = Arc::new(Notify::new());
+        let mut tasks = Vec::new();
+
+        let state = AppState {
+            config: config.clone(),
+            store: store.clone(),
+            clock: clock.clone(),
+            queue_notify: queue_notify.clone(),
+        };
+        let router = http::router(state);
+        let server_cancel = cancel.clone();
+        tasks.push(tokio::spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(server_cancel.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "http server failed");
+            }
+        }));
+
+        let scheduler = Scheduler {
+            config: config.clone(),
+            store: store.clone(),
+            clock: clock.clone(),
+            queue_notify: queue_notify.clone(),
+        };
+        tasks.push(tokio::spawn(scheduler.run(cancel.clone())));
+
+        let queue = Queue {
+            store: store.clone(),
+            client,
+            clock,
+            policy: RetryPolicy::from_config(&config.queue),
+            lease: config.queue.lease,
+            notify: queue_notify,
+        };
+        let owner = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+        for i in 0..config.queue.workers {
+            tasks.push(tokio::spawn(
+                queue.clone().run(format!("{owner}-w{i}"), cancel.clone()),
+            ));
+        }
+        info!(%addr, rules = config.rules.len(), sources = config.sources.len(), workers = config.queue.workers, "autopilot started");
+        Ok(App {
+            addr,
+            store,
+            cancel,
+            tasks,
+            lock: Some(lock),
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Waits for every task to end (after the token is cancelled), then closes the store.
+    pub async fn wait(mut self) {
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+        self.store.close().await;
+        self.lock.take();
+    }
+
+    /// Cancels and drains.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.wait().await;
+    }
+
+    /// Stops every task at once, mid-request, without releasing leases: what a crash
+    /// (or `kill -9`) leaves behind. For tests.
+    pub async fn kill(mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+            let _ = t.await;
+        }
+        self.store.close().await;
+        self.lock.take();
+    }
+}

@@ -1,0 +1,308 @@
+//! The command line: `serve`, `check`, `sim`, `demo`, `migrate`.
+
+use crate::app::App;
+use crate::clock::{SharedClock, SystemClock};
+use crate::config::{Config, TokenSource};
+use crate::platform::sim::{SimOptions, Simulator};
+use crate::rules::Trigger;
+use crate::store::Store;
+use crate::telemetry::LogFormat;
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// The demo configuration, embedded so `autopilot demo` works from any directory.
+pub const DEMO_CONFIG: &str = include_str!("../config/demo.toml");
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "autopilot",
+    version,
+    about = "Keeps Convirza AI voice agents configured on schedule and on webhook events"
+)]
+pub struct Cli {
+    /// Log format (default: pretty on a terminal, JSON otherwise). RUST_LOG sets the filter.
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: webhooks, schedules and the PATCH queue.
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config; print each scheduled rule's next 3 fires. Exit 0 only when valid.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the bundled platform simulator (a fake Convirza API) on ADDR.
+    Sim {
+        #[arg(long, default_value = "127.0.0.1:18089")]
+        listen: SocketAddr,
+        /// The bearer token the simulator accepts.
+        #[arg(long, default_value = crate::platform::sim::DEFAULT_TOKEN)]
+        token: String,
+        /// A JSON array of agents to serve instead of the seeded 101, 102 and 103.
+        #[arg(long)]
+        agents: Option<PathBuf>,
+    },
+    /// Try it with no account: the daemon and the simulator in one process, on the demo config.
+    Demo {
+        /// Another config to run instead of the embedded config/demo.toml.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Where the daemon listens (default: the config's server.listen).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Create or upgrade the database schema, then exit.
+    Migrate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+pub fn run(cli: Cli) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Serve { config } => serve(&config).await,
+            Command::Check { config } => check(&config),
+            Command::Sim {
+                listen,
+                token,
+                agents,
+            } => sim(listen, token, agents).await,
+            Command::Demo { config, listen } => demo(config, listen).await,
+            Command::Migrate { config } => migrate(&config).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn env_vars() -> Vec<(String, String)> {
+    std::env::vars().collect()
+}
+
+fn load(path: &Path) -> anyhow::Result<Config> {
+    Config::load(path, &env_vars()).map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))
+}
+
+/// Cancels the token on SIGINT or SIGTERM.
+fn cancel_on_signals(cancel: CancellationToken) {
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(_) => {
+                        let _ = ctrl_c.await;
+                        cancel.cancel();
+                        return;
+                    }
+                };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested: finishing in-flight work");
+        cancel.cancel();
+    });
+}
+
+async fn serve(path: &Path) -> anyhow::Result<()> {
+    let config = load(path)?;
+    let cancel = CancellationToken::new();
+    cancel_on_signals(cancel.clone());
+    let clock: SharedClock = Arc::new(SystemClock);
+    let app = App::start(config, clock, cancel).await?;
+    app.wait().await;
+    Ok(())
+}
+
+fn check(path: &Path) -> anyhow::Result<()> {
+    let config = load(path)?;
+    println!("{}: valid", path.display());
+    println!(
+        "  listen {}, database {}, platform {}, {} source(s), {} rule(s)",
+        config.server.listen,
+        config.database.path.display(),
+        config.platform.base_url,
+        config.sources.len(),
+        config.rules.len()
+    );
+    let now = chrono::Utc::now();
+    for rule in &config.rules {
+        match &rule.trigger {
+            Trigger::Schedule(s) => {
+                println!("  rule {:?}: cron {:?} in {}", rule.name, s.expr, s.zone);
+                let mut t = now;
+                for _ in 0..3 {
+                    match s.next_after(t) {
+                        Some(n) => {
+                            println!(
+                                "    next {}  ({})",
+                                n.with_timezone(&s.zone).format("%Y-%m-%d %H:%M %Z (%:z)"),
+                                n.format("%Y-%m-%dT%H:%M:%SZ")
+                            );
+                            t = n;
+                        }
+                        None => {
+                            println!("    never fires again");
+                            break;
+                        }
+                    }
+                }
+            }
+            Trigger::Webhook { source, conditions } => {
+                println!(
+                    "  rule {:?}: on webhook {source:?} when {} condition(s) match",
+                    rule.name,
+                    conditions.len()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn migrate(path: &Path) -> anyhow::Result<()> {
+    let config = load(path)?;
+    let store = Store::open(&config.database.path)
+        .await
+        .with_context(|| format!("opening {}", config.database.path.display()))?;
+    store.close().await;
+    println!("{}: schema is up to date", config.database.path.display());
+    Ok(())
+}
+
+async fn sim(listen: SocketAddr, token: String, agents: Option<PathBuf>) -> anyhow::Result<()> {
+    let agents = match agents {
+        Some(p) => Some(Simulator::load_agents_file(&p)?),
+        None => None,
+    };
+    let sim = Simulator::new(SimOptions { token, agents });
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot listen on {listen}"))?;
+    let cancel = CancellationToken::new();
+    cancel_on_signals(cancel.clone());
+    eprintln!(
+        "simulator listening on http://{}/v3 (token via --token); requests at /_sim/requests",
+        listener.local_addr()?
+    );
+    sim.serve(listener, cancel).await?;
+    Ok(())
+}
+
+async fn demo(config_path: Option<PathBuf>, listen: Option<SocketAddr>) -> anyhow::Result<()> {
+    let (text, origin) = match &config_path {
+        Some(p) => (
+            std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+            p.clone(),
+        ),
+        None => (DEMO_CONFIG.to_string(), PathBuf::from("config/demo.toml")),
+    };
+    let mut config = Config::from_toml(&text, &origin, &env_vars())
+        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+
+    // The simulator, in-process, on a free port; the daemon talks to it.
+    let sim = Simulator::new(SimOptions::default());
+    let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let sim_addr = sim_listener.local_addr()?;
+    let cancel = CancellationToken::new();
+    cancel_on_signals(cancel.clone());
+    tokio::spawn(sim.clone().serve(sim_listener, cancel.clone()));
+    config.platform.base_url = format!("http://{sim_addr}/v3");
+    config.platform.token =
+        TokenSource::Static(crate::platform::sim::DEFAULT_TOKEN.to_string().into());
+    if let Some(l) = listen {
+        config.server.listen = l;
+    }
+    let dir = std::env::temp_dir().join(format!("autopilot-demo-{}", std::process::id()));
+    config.database.path = dir.join("demo.db");
+    let schedules: Vec<String> = config
+        .rules
+        .iter()
+        .filter_map(|r| {
+            let s = r.schedule()?;
+            let next = s.next_after(chrono::Utc::now())?;
+            Some(format!(
+                "  - {:?} ({}) next fires at {}",
+                r.name,
+                s.expr,
+                next.with_timezone(&s.zone).format("%H:%M:%S %Z")
+            ))
+        })
+        .collect();
+
+    let mut requests = sim.subscribe();
+    let app = App::start(config, Arc::new(SystemClock), cancel.clone()).await.with_context(|| {
+        "starting the demo daemon (is the port taken? try `autopilot demo --listen 127.0.0.1:0`)"
+    })?;
+    let addr = app.local_addr();
+    println!("autopilot demo: daemon on http://{addr}, simulated platform on http://{sim_addr}/v3");
+    println!(
+        "  database: {} (removed on exit)",
+        dir.join("demo.db").display()
+    );
+    println!("scheduled rules:");
+    for s in &schedules {
+        println!("{s}");
+    }
+    println!("send a post-call webhook (an abandoned call pauses agent 101):");
+    println!(
+        "  curl -sS -X POST http://{addr}/webhooks/convirza -H 'content-type: application/json' -d '{{\"event\":\"post_call\",\"call_id\":1,\"disposition\":\"ABANDONED\",\"ai_voice_agent_id\":101,\"static\":{{\"auth_token\":\"demo-secret\"}}}}'"
+    );
+    println!("PATCHes arriving at the simulator appear below. Ctrl-C stops.");
+    let printer = tokio::spawn(async move {
+        while let Ok(r) = requests.recv().await {
+            let fields = serde_json::Value::Object(r.fields.clone());
+            println!(
+                "[sim] {} {} {} -> {} {}",
+                r.at.format("%H:%M:%S"),
+                r.method,
+                r.path,
+                r.status,
+                if r.fields.is_empty() {
+                    String::new()
+                } else {
+                    fields.to_string()
+                }
+            );
+        }
+    });
+    app.wait().await;
+    printer.abort();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

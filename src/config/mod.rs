@@ -1,0 +1,796 @@
+//! Configuration: TOML file → `AUTOPILOT_*` environment overrides → validation.
+//!
+//! Parsing keeps the location of every value that validation may reject, so each error
+//! names `file:line:col`. All errors found are reported together.
+
+mod overrides;
+mod raw;
+
+use crate::rules::{Condition, PatchSet, Rule, Schedule, Target, Trigger};
+use chrono_tz::Tz;
+use croner::parser::{CronParser, Seconds};
+use raw::{RawAuth, RawConfig, RawRule, RawSecret, RawSource};
+use secrecy::SecretString;
+use serde_json::Value;
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use toml::Spanned;
+
+/// The validated configuration the daemon runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub database: DatabaseConfig,
+    pub platform: PlatformConfig,
+    pub queue: QueueConfig,
+    pub sources: Vec<Source>,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct PlatformConfig {
+    /// Without a trailing slash, e.g. `https://platform-api.convirza.com/v3`.
+    pub base_url: String,
+    pub token: TokenSource,
+    pub timeout: Duration,
+}
+
+/// Where the bearer token comes from.
+#[derive(Debug, Clone)]
+pub enum TokenSource {
+    /// Read once at start (environment variable or inline value).
+    Static(SecretString),
+    /// Read at start and again after a 401, so a rotated file is picked up.
+    File(PathBuf, SecretString),
+}
+
+#[derive(Debug, Clone)]
+pub struct QueueConfig {
+    pub workers: usize,
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    /// How long a claimed job stays reserved; always longer than the HTTP timeout.
+    pub lease: Duration,
+    /// Ceiling for a platform's `Retry-After`.
+    pub max_retry_after: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub auth: SourceAuth,
+    pub id: Option<IdSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub enum SourceAuth {
+    /// A shared secret sent as a static parameter: a JSON body field (pointer), a form
+    /// field or a query parameter.
+    Static {
+        field: Option<String>,
+        form_field: Option<String>,
+        query: Option<String>,
+        secret: SecretString,
+    },
+    HmacSha256 {
+        header: String,
+        encoding: SigEncoding,
+        prefix: String,
+        secret: SecretString,
+    },
+    Basic {
+        username: String,
+        password: SecretString,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SigEncoding {
+    Hex,
+    Base64,
+}
+
+#[derive(Debug, Clone)]
+pub enum IdSpec {
+    /// A JSON pointer into the body (for form bodies: `/field_name`).
+    Pointer(String),
+    /// A request header.
+    Header(String),
+}
+
+pub const DEFAULT_CATCH_UP: Duration = Duration::from_secs(15 * 60);
+
+impl Config {
+    pub fn source(&self, name: &str) -> Option<&Source> {
+        self.sources.iter().find(|s| s.name == name)
+    }
+
+    /// Loads a config file, applies `AUTOPILOT_*` overrides from `env`, validates it.
+    pub fn load(path: &Path, env: &[(String, String)]) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors::single(path, format!("cannot read the config file: {e}")))?;
+        Self::from_toml(&text, path, env)
+    }
+
+    /// Parses config text; `origin` names it in errors.
+    pub fn from_toml(
+        text: &str,
+        origin: &Path,
+        env: &[(String, String)],
+    ) -> Result<Config, ConfigErrors> {
+        let (text, applied) =
+            overrides::apply(text, env).map_err(|msg| ConfigErrors::single(origin, msg))?;
+        let mut errs = ConfigErrors {
+            file: origin.to_path_buf(),
+            text: text.clone(),
+            overrides: applied,
+            items: Vec::new(),
+        };
+        let raw: RawConfig = match toml::from_str(&text) {
+            Ok(raw) => raw,
+            Err(e) => {
+                errs.push(e.span(), e.message().to_string());
+                return Err(errs);
+            }
+        };
+        let base_dir = origin.parent().unwrap_or(Path::new("."));
+        let config = validate(raw, env, base_dir, &mut errs);
+        match config {
+            Some(c) if errs.items.is_empty() => Ok(c),
+            _ => Err(errs),
+        }
+    }
+}
+
+/// Every error found in one config, each with its location.
+#[derive(Debug)]
+pub struct ConfigErrors {
+    file: PathBuf,
+    text: String,
+    overrides: Vec<String>,
+    items: Vec<(Option<Range<usize>>, String)>,
+}
+
+impl ConfigErrors {
+    fn single(file: &Path, msg: String) -> Self {
+        Self {
+            file: file.to_path_buf(),
+            text: String::new(),
+            overrides: Vec::new(),
+            items: vec![(None, msg)],
+        }
+    }
+
+    fn push(&mut self, span: Option<Range<usize>>, msg: impl Into<String>) {
+        self.items.push((span, msg.into()));
+    }
+
+    fn at<T>(&mut self, s: &Spanned<T>, msg: impl Into<String>) {
+        self.push(Some(s.span()), msg);
+    }
+
+    pub fn messages(&self) -> Vec<String> {
+        self.items
+            .iter()
+            .map(|(span, msg)| {
+                let loc = match span {
+                    Some(span) => {
+                        let (line, col) = line_col(&self.text, span.start);
+                        format!("{}:{line}:{col}", self.file.display())
+                    }
+                    None => self.file.display().to_string(),
+                };
+                format!("{loc}: {msg}")
+            })
+            .collect()
+    }
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let msgs = self.messages();
+        write!(f, "{}", msgs.join("\n"))?;
+        if !self.overrides.is_empty() {
+            write!(
+                f,
+                "\n(positions are in the file with these environment overrides applied: {})",
+                self.overrides.join(", ")
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+fn duration(errs: &mut ConfigErrors, s: &Spanned<String>) -> Option<Duration> {
+    match humantime::parse_duration(s.get_ref()) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            errs.at(
+                s,
+                format!(
+                    "invalid duration {:?}: {e} (write e.g. \"10s\", \"5m\", \"1h 30m\")",
+                    s.get_ref()
+                ),
+            );
+            None
+        }
+    }
+}
+
+fn secret(
+    errs: &mut ConfigErrors,
+    s: &Spanned<RawSecret>,
+    env: &[(String, String)],
+    base_dir: &Path,
+    what: &str,
+) -> Option<(SecretString, Option<PathBuf>)> {
+    let raw = s.get_ref();
+    let given = [raw.env.is_some(), raw.file.is_some(), raw.value.is_some()];
+    if given.iter().filter(|g| **g).count() != 1 {
+        errs.at(
+            s,
+            format!("{what}: give exactly one of {{ env = \"NAME\" }}, {{ file = \"/path\" }} or {{ value = \"...\" }}"),
+        );
+        return None;
+    }
+    let (value, file) = if let Some(name) = &raw.env {
+        match env.iter().find(|(k, _)| k == name) {
+            Some((_, v)) => (v.clone(), None),
+            None => {
+                errs.at(s, format!("{what}: environment variable {name} is not set"));
+                return None;
+            }
+        }
+    } else if let Some(file) = &raw.file {
+        let path = base_dir.join(file);
+        match std::fs::read_to_string(&path) {
+            Ok(v) => (v.trim_end_matches(['\r', '\n']).to_string(), Some(path)),
+            Err(e) => {
+                errs.at(s, format!("{what}: cannot read {}: {e}", path.display()));
+                return None;
+            }
+        }
+    } else {
+        (raw.value.clone().unwrap_or_default(), None)
+    };
+    if value.is_empty() {
+        errs.at(s, format!("{what} is empty"));
+        return None;
+    }
+    Some((SecretString::from(value), file))
+}
+
+fn toml_to_json(v: &toml::Value) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+fn conditions(
+    errs: &mut ConfigErrors,
+    table: &BTreeMap<Spanned<String>, Spanned<toml::Value>>,
+) -> Vec<Condition> {
+    let mut out = Vec::new();
+    for (k, v) in table {
+        match Condition::new(k.get_ref(), &toml_to_json(v.get_ref())) {
+            Ok(c) => out.push(c),
+            Err(e) => errs.at(v, format!("{}: {e}", k.get_ref())),
+        }
+    }
+    out
+}
+
+fn validate(
+    raw: RawConfig,
+    env: &[(String, String)],
+    base_dir: &Path,
+    errs: &mut ConfigErrors,
+) -> Option<Config> {
+    // [server]
+    let listen = match raw.server.listen.get_ref().parse::<SocketAddr>() {
+        Ok(a) => Some(a),
+        Err(_) => {
+            errs.at(
+                &raw.server.listen,
+                format!(
+                    "listen {:?} is not an address such as \"127.0.0.1:8080\"",
+                    raw.server.listen.get_ref()
+                ),
+            );
+            None
+        }
+    };
+    let max_body_bytes = raw.server.max_body_bytes.unwrap_or(1 << 20);
+
+    // [database]
+    if raw.database.path.get_ref().as_os_str().is_empty() {
+        errs.at(&raw.database.path, "database path is empty");
+    }
+
+    // [platform]
+    let p = &raw.platform;
+    let base_url = p.base_url.get_ref().trim_end_matches('/').to_string();
+    match reqwest::Url::parse(&base_url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") => {}
+        _ => errs.at(
+            &p.base_url,
+            format!("base_url {:?} is not an http(s) URL such as \"https://platform-api.convirza.com/v3\"", p.base_url.get_ref()),
+        ),
+    }
+    let token =
+        secret(errs, &p.token, env, base_dir, "platform token").map(|(s, file)| match file {
+            Some(path) => TokenSource::File(path, s),
+            None => TokenSource::Static(s),
+        });
+    let timeout = match &p.timeout {
+        Some(t) => duration(errs, t),
+        None => Some(Duration::from_secs(10)),
+    };
+    if timeout == Some(Duration::ZERO) {
+        errs.at(
+            p.timeout.as_ref().expect("zero came from the file"),
+            "timeout must be more than 0s",
+        );
+    }
+
+    // [queue]
+    let q = &raw.queue;
+    let opt_dur = |errs: &mut ConfigErrors, v: &Option<Spanned<String>>, default: Duration| match v
+    {
+        Some(s) => duration(errs, s),
+        None => Some(default),
+    };
+    let initial_backoff = opt_dur(errs, &q.initial_backoff, Duration::from_secs(1));
+    let max_backoff = opt_dur(errs, &q.max_backoff, Duration::from_secs(300));
+    let max_retry_after = opt_dur(errs, &q.max_retry_after, Duration::from_secs(600));
+    let lease = match (&q.lease, timeout) {
+        (Some(s), Some(t)) => {
+            let l = duration(errs, s);
+            if let Some(l) = l {
+                if l < t + Duration::from_secs(5) {
+                    errs.at(
+                        s,
+                        format!(
+                            "lease {} must be at least the platform timeout ({}) plus 5s, or a slow request could be sent twice",
+                            humantime::format_duration(l),
+                            humantime::format_duration(t)
+                        ),
+                    );
+                }
+            }
+            l
+        }
+        (None, Some(t)) => Some(t + Duration::from_secs(30)),
+        _ => None,
+    };
+    if let Some(w) = &q.workers {
+        if !(1..=256).contains(w.get_ref()) {
+            errs.at(w, "workers must be between 1 and 256");
+        }
+    }
+    if let Some(m) = &q.max_attempts {
+        if *m.get_ref() < 1 {
+            errs.at(m, "max_attempts must be at least 1");
+        }
+    }
+    if let (Some(i), Some(m)) = (initial_backoff, max_backoff) {
+        if i.is_zero() || m < i {
+            errs.at(
+                q.max_backoff
+                    .as_ref()
+                    .or(q.initial_backoff.as_ref())
+                    .expect("one was given"),
+                "backoff must satisfy 0 < initial_backoff <= max_backoff",
+            );
+        }
+    }
+
+    // [[sources]]
+    let mut sources = Vec::new();
+    let mut names = HashSet::new();
+    for s in &raw.sources {
+        if let Some(src) = source(errs, s, env, base_dir) {
+            if !names.insert(src.name.clone()) {
+                errs.at(
+                    &s.get_ref().name,
+                    format!("source {:?} is defined twice", src.name),
+                );
+            }
+            sources.push(src);
+        }
+    }
+
+    // [[rules]]
+    let mut rules = Vec::new();
+    let mut rule_names = HashSet::new();
+    for r in &raw.rules {
+        let name = r.get_ref().name.get_ref().clone();
+        if !rule_names.insert(name.clone()) {
+            errs.at(
+                &r.get_ref().name,
+                format!("rule {name:?} is defined twice; rule names are keys in the audit trail"),
+            );
+        }
+        if let Some(rule) = rule(errs, r, &names) {
+            rules.push(rule);
+        }
+    }
+
+    Some(Config {
+        server: ServerConfig {
+            listen: listen?,
+            max_body_bytes,
+        },
+        database: DatabaseConfig {
+            path: raw.database.path.into_inner(),
+        },
+        platform: PlatformConfig {
+            base_url,
+            token: token?,
+            timeout: timeout?,
+        },
+        queue: QueueConfig {
+            workers: q.workers.as_ref().map_or(4, |w| *w.get_ref()),
+            max_attempts: q.max_attempts.as_ref().map_or(8, |m| *m.get_ref()),
+            initial_backoff: initial_backoff?,
+            max_backoff: max_backoff?,
+            lease: lease?,
+            max_retry_after: max_retry_after?,
+        },
+        sources,
+        rules,
+    })
+}
+
+fn source(
+    errs: &mut ConfigErrors,
+    s: &Spanned<RawSource>,
+    env: &[(String, String)],
+    base_dir: &Path,
+) -> Option<Source> {
+    let raw = s.get_ref();
+    let name = raw.name.get_ref();
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        errs.at(&raw.name, format!("source name {name:?} must be letters, digits, '-' or '_' (it is a URL path segment)"));
+    }
+    let id = match (&raw.id, &raw.id_header) {
+        (Some(_), Some(h)) => {
+            errs.at(
+                h,
+                "give either `id` (a JSON pointer) or `id_header`, not both",
+            );
+            None
+        }
+        (Some(p), None) => match crate::rules::Condition::new(p.get_ref(), &Value::Bool(true)) {
+            Ok(c) => Some(IdSpec::Pointer(c.path)),
+            Err(e) => {
+                errs.at(p, e);
+                None
+            }
+        },
+        (None, Some(h)) => Some(IdSpec::Header(h.get_ref().to_ascii_lowercase())),
+        (None, None) => None,
+    };
+    let auth = auth(errs, &raw.auth, env, base_dir)?;
+    Some(Source {
+        name: name.clone(),
+        auth,
+        id,
+    })
+}
+
+fn auth(
+    errs: &mut ConfigErrors,
+    a: &Spanned<RawAuth>,
+    env: &[(String, String)],
+    base_dir: &Path,
+) -> Option<SourceAuth> {
+    let raw = a.get_ref();
+    let kind = raw.kind.get_ref().as_str();
+    let allowed: &[&str] = match kind {
+        "static" => &["field", "form_field", "query", "secret"],
+        "hmac-sha256" => &["header", "encoding", "prefix", "secret"],
+        "basic" => &["username", "password"],
+        other => {
+            errs.at(
+                &raw.kind,
+                format!(
+                    "unknown auth kind {other:?}; use \"static\", \"hmac-sha256\" or \"basic\""
+                ),
+            );
+            return None;
+        }
+    };
+    for (key, present) in raw.present_keys() {
+        if present && !allowed.contains(&key) {
+            errs.at(
+                a,
+                format!(
+                    "`{key}` does not apply to auth kind {kind:?} (it takes {})",
+                    allowed.join(", ")
+                ),
+            );
+        }
+    }
+    let need_secret = |errs: &mut ConfigErrors, s: &Option<Spanned<RawSecret>>, what: &str| match s
+    {
+        Some(s) => secret(errs, s, env, base_dir, what).map(|(v, _)| v),
+        None => {
+            errs.at(
+                a,
+                format!(
+                    "auth kind {kind:?} needs `{}`",
+                    what.rsplit(' ').next().unwrap_or(what)
+                ),
+            );
+            None
+        }
+    };
+    match kind {
+        "static" => {
+            let secret = need_secret(errs, &raw.secret, "static secret")?;
+            let field = match &raw.field {
+                Some(f) => match crate::rules::Condition::new(f.get_ref(), &Value::Bool(true)) {
+                    Ok(c) => Some(c.path),
+                    Err(e) => {
+                        errs.at(f, e);
+                        None
+                    }
+                },
+                None => None,
+            };
+            if field.is_none() && raw.query.is_none() && raw.form_field.is_none() {
+                errs.at(a, "auth kind \"static\" needs `field` (a JSON pointer such as \"/static/auth_token\"), `form_field` or `query`");
+                return None;
+            }
+            // The platform sends static parameters of a form-encoded delivery as plain
+            // fields: by default the form field is the pointer's last segment.
+            let form_field = raw.form_field.clone().or_else(|| {
+                field
+                    .as_ref()
+                    .and_then(|f| f.rsplit('/').next().map(str::to_string))
+            });
+            Some(SourceAuth::Static {
+                field,
+                form_field,
+                query: raw.query.clone(),
+                secret,
+            })
+        }
+        "hmac-sha256" => {
+            let secret = need_secret(errs, &raw.secret, "hmac secret")?;
+            let Some(header) = raw.header.clone() else {
+                errs.at(
+                    a,
+                    "auth kind \"hmac-sha256\" needs `header` (e.g. \"X-Signature\")",
+                );
+                return None;
+            };
+            let encoding = match raw.encoding.as_ref().map(|e| e.get_ref().as_str()) {
+                None | Some("hex") => SigEncoding::Hex,
+                Some("base64") => SigEncoding::Base64,
+                Some(other) => {
+                    errs.at(
+                        raw.encoding.as_ref().expect("matched Some"),
+                        format!("encoding {other:?} must be \"hex\" or \"base64\""),
+                    );
+                    return None;
+                }
+            };
+            Some(SourceAuth::HmacSha256 {
+                header: header.to_ascii_lowercase(),
+                encoding,
+                prefix: raw.prefix.clone().unwrap_or_default(),
+                secret,
+            })
+        }
+        _ => {
+            let password = need_secret(errs, &raw.password, "basic password")?;
+            let Some(username) = raw.username.clone() else {
+                errs.at(a, "auth kind \"basic\" needs `username`");
+                return None;
+            };
+            Some(SourceAuth::Basic { username, password })
+        }
+    }
+}
+
+fn rule(errs: &mut ConfigErrors, r: &Spanned<RawRule>, sources: &HashSet<String>) -> Option<Rule> {
+    let raw = r.get_ref();
+    let name = raw.name.get_ref().clone();
+    if name.trim().is_empty() {
+        errs.at(&raw.name, "rule name is empty");
+    }
+    let before = errs.items.len();
+    let trigger = match (&raw.schedule, &raw.webhook) {
+        (Some(s), None) => {
+            let s = s.get_ref();
+            let cron = CronParser::builder()
+                .seconds(Seconds::Disallowed)
+                .build()
+                .parse(s.cron.get_ref());
+            let zone = s.timezone.get_ref().parse::<Tz>();
+            if let Err(e) = &cron {
+                errs.at(
+                    &s.cron,
+                    format!("bad cron expression {:?}: {e} (5 fields: minute hour day-of-month month day-of-week)", s.cron.get_ref()),
+                );
+            }
+            if zone.is_err() {
+                errs.at(
+                    &s.timezone,
+                    format!(
+                        "unknown time zone {:?}; use an IANA name such as \"America/New_York\"",
+                        s.timezone.get_ref()
+                    ),
+                );
+            }
+            match (cron, zone) {
+                (Ok(cron), Ok(zone)) => Some(Trigger::Schedule(Schedule {
+                    expr: s.cron.get_ref().clone(),
+                    cron,
+                    zone,
+                })),
+                _ => None,
+            }
+        }
+        (None, Some(w)) => {
+            let w = w.get_ref();
+            if !sources.contains(w.source.get_ref()) {
+                errs.at(
+                    &w.source,
+                    format!(
+                        "webhook source {:?} is not defined in [[sources]]",
+                        w.source.get_ref()
+                    ),
+                );
+            }
+            let conditions = w
+                .match_
+                .as_ref()
+                .map(|m| conditions(errs, m))
+                .unwrap_or_default();
+            Some(Trigger::Webhook {
+                source: w.source.get_ref().clone(),
+                conditions,
+            })
+        }
+        (Some(_), Some(w)) => {
+            errs.at(
+                w,
+                format!("rule {name:?} has both `schedule` and `webhook`; make two rules"),
+            );
+            None
+        }
+        (None, None) => {
+            errs.at(r, format!("rule {name:?} needs a trigger: `schedule = {{ cron = ..., timezone = ... }}` or `webhook = {{ source = ... }}`"));
+            None
+        }
+    };
+    let target = match (&raw.agents, &raw.agent, &trigger) {
+        (Some(a), None, _) => {
+            let ids = a.get_ref();
+            if ids.is_empty() || ids.iter().any(|id| *id <= 0) {
+                errs.at(
+                    a,
+                    "agents must be a non-empty list of agent ids (positive integers)",
+                );
+            }
+            Some(Target::Agents(ids.clone()))
+        }
+        (None, Some(p), Some(Trigger::Webhook { .. })) => {
+            match crate::rules::Condition::new(p.get_ref(), &Value::Bool(true)) {
+                Ok(c) => Some(Target::FromEvent(c.path)),
+                Err(e) => {
+                    errs.at(p, e);
+                    None
+                }
+            }
+        }
+        (None, Some(p), _) => {
+            errs.at(p, "`agent` (read from the delivery) only works on webhook rules; list `agents = [...]`");
+            None
+        }
+        (Some(_), Some(p), _) => {
+            errs.at(
+                p,
+                "give either `agents = [...]` or `agent = \"/pointer\"`, not both",
+            );
+            None
+        }
+        (None, None, _) => {
+            errs.at(r, format!("rule {name:?} names no agents: add `agents = [101]` or `agent = \"/ai_voice_agent_id\"`"));
+            None
+        }
+    };
+    let when = raw
+        .when
+        .as_ref()
+        .map(|w| conditions(errs, w))
+        .unwrap_or_default();
+    let set = match &raw.set {
+        Some(s) => {
+            let mut json = serde_json::Map::new();
+            let mut ok = true;
+            for (k, v) in s.get_ref() {
+                match crate::rules::PatchSet::from_json(&Value::Object(
+                    [(k.get_ref().clone(), toml_to_json(v.get_ref()))]
+                        .into_iter()
+                        .collect(),
+                )) {
+                    Ok(_) => {
+                        json.insert(k.get_ref().clone(), toml_to_json(v.get_ref()));
+                    }
+                    Err(e) => {
+                        errs.at(k, e);
+                        ok = false;
+                    }
+                }
+            }
+            if ok {
+                match PatchSet::from_json(&Value::Object(json)) {
+                    Ok(set) => Some(set),
+                    Err(e) => {
+                        errs.at(s, e);
+                        None
+                    }
+                }
+            } else {
+                None
+            }
+        }
+        None => {
+            errs.at(
+                r,
+                format!("rule {name:?} has no `set`: name the fields to change"),
+            );
+            None
+        }
+    };
+    let catch_up = match &raw.catch_up {
+        Some(c) => duration(errs, c),
+        None => Some(DEFAULT_CATCH_UP),
+    };
+    if errs.items.len() > before {
+        return None;
+    }
+    Some(Rule {
+        name,
+        trigger: trigger?,
+        target: target?,
+        when,
+        set: set?,
+        catch_up: catch_up?,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,158 @@
+//! The config file as written: serde types that keep locations for validation.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use toml::Spanned;
+
+pub type SpannedTable = BTreeMap<Spanned<String>, Spanned<toml::Value>>;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub database: RawDatabase,
+    pub platform: RawPlatform,
+    #[serde(default)]
+    pub queue: RawQueue,
+    #[serde(default)]
+    pub sources: Vec<Spanned<RawSource>>,
+    #[serde(default)]
+    pub rules: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    #[serde(default = "default_listen")]
+    pub listen: Spanned<String>,
+    pub max_body_bytes: Option<usize>,
+}
+
+impl Default for RawServer {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            max_body_bytes: None,
+        }
+    }
+}
+
+fn default_listen() -> Spanned<String> {
+    Spanned::new(0..0, "127.0.0.1:8080".to_string())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDatabase {
+    #[serde(default = "default_db")]
+    pub path: Spanned<PathBuf>,
+}
+
+impl Default for RawDatabase {
+    fn default() -> Self {
+        Self { path: default_db() }
+    }
+}
+
+fn default_db() -> Spanned<PathBuf> {
+    Spanned::new(0..0, PathBuf::from("data/autopilot.db"))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlatform {
+    pub base_url: Spanned<String>,
+    pub token: Spanned<RawSecret>,
+    pub timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawQueue {
+    pub workers: Option<Spanned<usize>>,
+    pub max_attempts: Option<Spanned<u32>>,
+    pub initial_backoff: Option<Spanned<String>>,
+    pub max_backoff: Option<Spanned<String>>,
+    pub lease: Option<Spanned<String>>,
+    pub max_retry_after: Option<Spanned<String>>,
+}
+
+/// `{ env = "NAME" }`, `{ file = "/path" }` or `{ value = "..." }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSecret {
+    pub env: Option<String>,
+    pub file: Option<String>,
+    pub value: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    pub name: Spanned<String>,
+    pub auth: Spanned<RawAuth>,
+    pub id: Option<Spanned<String>>,
+    pub id_header: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAuth {
+    pub kind: Spanned<String>,
+    pub field: Option<Spanned<String>>,
+    pub form_field: Option<String>,
+    pub query: Option<String>,
+    pub header: Option<String>,
+    pub encoding: Option<Spanned<String>>,
+    pub prefix: Option<String>,
+    pub secret: Option<Spanned<RawSecret>>,
+    pub username: Option<String>,
+    pub password: Option<Spanned<RawSecret>>,
+}
+
+impl RawAuth {
+    pub fn present_keys(&self) -> [(&'static str, bool); 9] {
+        [
+            ("field", self.field.is_some()),
+            ("form_field", self.form_field.is_some()),
+            ("query", self.query.is_some()),
+            ("header", self.header.is_some()),
+            ("encoding", self.encoding.is_some()),
+            ("prefix", self.prefix.is_some()),
+            ("secret", self.secret.is_some()),
+            ("username", self.username.is_some()),
+            ("password", self.password.is_some()),
+        ]
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub name: Spanned<String>,
+    pub schedule: Option<Spanned<RawSchedule>>,
+    pub webhook: Option<Spanned<RawWebhook>>,
+    pub agents: Option<Spanned<Vec<i64>>>,
+    pub agent: Option<Spanned<String>>,
+    pub when: Option<SpannedTable>,
+    pub set: Option<Spanned<SpannedTable>>,
+    pub catch_up: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSchedule {
+    pub cron: Spanned<String>,
+    pub timezone: Spanned<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWebhook {
+    pub source: Spanned<String>,
+    #[serde(rename = "match")]
+    pub match_: Option<SpannedTable>,
+}

@@ -1,0 +1,140 @@
+use super::*;
+
+fn env() -> Vec<(String, String)> {
+    vec![
+        ("CONVIRZA_TOKEN".into(), "t".into()),
+        ("CONVIRZA_WEBHOOK_SECRET".into(), "s".into()),
+        ("GATEWAY_SECRET".into(), "g".into()),
+    ]
+}
+
+fn load(text: &str) -> Result<Config, ConfigErrors> {
+    Config::from_toml(text, Path::new("test.toml"), &env())
+}
+
+fn errors(text: &str) -> String {
+    load(text)
+        .expect_err("config should be rejected")
+        .to_string()
+}
+
+const HEAD: &str = r#"[platform]
+base_url = "http://127.0.0.1:1/v3"
+token = { value = "x" }
+"#;
+
+#[test]
+fn shipped_configs_are_valid() {
+    let c = Config::load(Path::new("config/autopilot.toml"), &env()).unwrap();
+    assert_eq!(c.rules.len(), 3);
+    assert_eq!(c.sources.len(), 2);
+    Config::from_toml(crate::cli::DEMO_CONFIG, Path::new("config/demo.toml"), &[]).unwrap();
+}
+
+#[test]
+fn unknown_key_names_line_and_column() {
+    let e = errors(&format!("{HEAD}[queue]\nworkers = 2\nretries = 3\n"));
+    assert!(
+        e.starts_with("test.toml:6:1: unknown field `retries`"),
+        "{e}"
+    );
+}
+
+#[test]
+fn greeting_suggests_greetings_at_the_key() {
+    let text = format!(
+        "{HEAD}[[rules]]\nname = \"r\"\nschedule = {{ cron = \"0 18 * * *\", timezone = \"America/New_York\" }}\nagents = [1]\nset = {{ greeting = \"hi\" }}\n"
+    );
+    let e = errors(&text);
+    assert!(
+        e.contains("test.toml:8:9: unknown PATCH field `greeting`; did you mean `greetings`?"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_cron_and_zone_are_located() {
+    let text = format!(
+        "{HEAD}[[rules]]\nname = \"r\"\nschedule = {{ cron = \"0 25 * * *\", timezone = \"America/New_Yrok\" }}\nagents = [1]\nset = {{ status = \"active\" }}\n"
+    );
+    let e = errors(&text);
+    assert!(
+        e.contains("test.toml:6:21: bad cron expression \"0 25 * * *\""),
+        "{e}"
+    );
+    assert!(
+        e.contains("test.toml:6:46: unknown time zone \"America/New_Yrok\""),
+        "{e}"
+    );
+}
+
+#[test]
+fn six_field_cron_is_rejected() {
+    let text = format!(
+        "{HEAD}[[rules]]\nname = \"r\"\nschedule = {{ cron = \"0 0 18 * * *\", timezone = \"UTC\" }}\nagents = [1]\nset = {{ status = \"active\" }}\n"
+    );
+    assert!(errors(&text).contains("bad cron expression"));
+}
+
+#[test]
+fn missing_secret_names_the_variable_and_place() {
+    let text = "[platform]\nbase_url = \"http://x/v3\"\ntoken = { env = \"NOPE_TOKEN\" }\n";
+    let e = errors(text);
+    assert!(
+        e.contains("test.toml:3:9: platform token: environment variable NOPE_TOKEN is not set"),
+        "{e}"
+    );
+}
+
+#[test]
+fn webhook_rule_needs_a_known_source() {
+    let text = format!(
+        "{HEAD}[[rules]]\nname = \"r\"\nwebhook = {{ source = \"nope\" }}\nagent = \"/a\"\nset = {{ status = \"active\" }}\n"
+    );
+    assert!(errors(&text).contains("test.toml:6:22: webhook source \"nope\" is not defined"));
+}
+
+#[test]
+fn lease_must_exceed_timeout() {
+    let e = errors(&format!(
+        "{HEAD}timeout = \"30s\"\n[queue]\nlease = \"20s\"\n"
+    ));
+    assert!(
+        e.contains("lease 20s must be at least the platform timeout"),
+        "{e}"
+    );
+}
+
+#[test]
+fn environment_overrides_any_key() {
+    let mut env = env();
+    env.push(("AUTOPILOT_SERVER__LISTEN".into(), "0.0.0.0:9999".into()));
+    env.push(("AUTOPILOT_QUEUE__WORKERS".into(), "7".into()));
+    env.push(("AUTOPILOT_RULES__0__CATCH_UP".into(), "1h".into()));
+    env.push((
+        "AUTOPILOT_SOURCES__0__AUTH__SECRET".into(),
+        "{ env = \"GATEWAY_SECRET\" }".into(),
+    ));
+    let c = Config::load(Path::new("config/autopilot.toml"), &env).unwrap();
+    assert_eq!(c.server.listen.port(), 9999);
+    assert_eq!(c.queue.workers, 7);
+    assert_eq!(c.rules[0].catch_up, Duration::from_secs(3600));
+
+    env.push(("AUTOPILOT_QUEUE__WORKRS".into(), "7".into()));
+    let e = Config::load(Path::new("config/autopilot.toml"), &env)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("unknown field `workrs`") && e.contains("AUTOPILOT_QUEUE__WORKRS"),
+        "{e}"
+    );
+}
+
+#[test]
+fn several_errors_are_reported_together() {
+    let text = format!(
+        "{HEAD}[[rules]]\nname = \"a\"\nschedule = {{ cron = \"bad\", timezone = \"UTC\" }}\nagents = [1]\nset = {{ greeting = \"x\" }}\n"
+    );
+    let e = load(&text).unwrap_err();
+    assert_eq!(e.messages().len(), 2, "{e}");
+}

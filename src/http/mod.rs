@@ -1,0 +1,293 @@
+//! The HTTP face: webhook ingest and health.
+
+mod auth;
+
+use crate::clock::SharedClock;
+use crate::config::{Config, IdSpec};
+use crate::rules::{self, Decision};
+use crate::store::{DeliveryOutcome, NewDelivery, NewRun, Store};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use tokio::sync::Notify;
+use tracing::{debug, error, info, warn};
+
+pub use auth::Verdict;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub clock: SharedClock,
+    /// Wakes the queue workers after jobs are committed.
+    pub queue_notify: Arc<Notify>,
+}
+
+pub fn router(state: AppState) -> Router {
+    let limit = state.config.server.max_body_bytes;
+    Router::new()
+        .route("/webhooks/{source}", post(ingest))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// An HTTP error answered as JSON. Internal causes are logged, never sent.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, Json(json!({ "error": self.message }))).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("5"));
+        }
+        resp
+    }
+}
+
+async fn readyz(State(st): State<AppState>) -> Response {
+    match st.store.ping().await {
+        Ok(()) => Json(json!({"status": "ready"})).into_response(),
+        Err(e) => {
+            error!(error = %e, "readiness: database not usable");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "not ready", "problems": ["database is not usable"]})),
+            )
+                .into_response()
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyKind {
+    Json,
+    Form,
+}
+
+fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match mime.as_str() {
+        "application/json" => Ok(BodyKind::Json),
+        m if m.starts_with("application/") && m.ends_with("+json") => Ok(BodyKind::Json),
+        "application/x-www-form-urlencoded" => Ok(BodyKind::Form),
+        _ => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!(
+                "unsupported content type {:?}: send application/json or application/x-www-form-urlencoded",
+                if ct.is_empty() { "(none)" } else { ct }
+            ),
+        )),
+    }
+}
+
+/// A form body as a JSON object of strings; a repeated field becomes a list.
+fn form_to_json(body: &[u8]) -> Value {
+    let mut map = Map::new();
+    for (k, v) in form_urlencoded::parse(body) {
+        let v = Value::String(v.into_owned());
+        match map.get_mut(k.as_ref()) {
+            Some(Value::Array(items)) => items.push(v),
+            Some(existing) => {
+                let first = existing.take();
+                *existing = Value::Array(vec![first, v]);
+            }
+            None => {
+                map.insert(k.into_owned(), v);
+            }
+        }
+    }
+    Value::Object(map)
+}
+
+fn unauthorized(source: &str, why: &str) -> ApiError {
+    // The reason goes to the debug log only; it never holds secret material.
+    debug!(source, reason = why, "webhook rejected");
+    warn!(source, "webhook rejected: authentication failed");
+    ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized")
+}
+
+async fn ingest(
+    State(st): State<AppState>,
+    Path(source_name): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let Some(source) = st.config.source(&source_name) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown webhook source",
+        ));
+    };
+    let kind = body_kind(&headers)?;
+    let offered = auth::Offered {
+        headers: &headers,
+        query: uri.query(),
+        raw_body: &body,
+    };
+    // Nothing touches the body before the signature over its raw bytes is checked.
+    let verdict = auth::verify_raw(&source.auth, &offered);
+    if let Verdict::Denied(why) = verdict {
+        return Err(unauthorized(&source.name, why));
+    }
+    let mut payload = match kind {
+        BodyKind::Json => serde_json::from_slice::<Value>(&body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("body is not valid JSON: {e}"),
+            )
+        })?,
+        BodyKind::Form => form_to_json(&body),
+    };
+    if !payload.is_object() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "body must be a JSON object",
+        ));
+    }
+    let is_form = kind == BodyKind::Form;
+    if verdict == Verdict::NeedsBody {
+        if let Verdict::Denied(why) = auth::check_static_body(&source.auth, &payload, is_form) {
+            return Err(unauthorized(&source.name, why));
+        }
+    }
+
+    let dedupe_key = dedupe_key(source.id.as_ref(), &headers, &payload, &body, &source.name);
+    auth::redact(&source.auth, &mut payload, is_form);
+    let now = st.clock.now();
+
+    // Evaluate every rule of this source against what we know of its agents.
+    let rules: Vec<_> = st
+        .config
+        .rules
+        .iter()
+        .filter(|r| r.is_webhook_for(&source.name))
+        .collect();
+    let agent_ids: Vec<i64> = rules
+        .iter()
+        .filter_map(|r| r.target_agents(Some(&payload)).ok())
+        .flatten()
+        .collect();
+    let known = st
+        .store
+        .agent_states(&agent_ids)
+        .await
+        .map_err(storage_error)?;
+    let runs: Vec<NewRun> = rules
+        .iter()
+        .filter_map(
+            |r| match rules::evaluate_delivery(r, &source.name, &payload, &known) {
+                Decision::NotMatched => None,
+                Decision::Matched(outcomes) => Some(NewRun::from_outcomes(
+                    r,
+                    outcomes,
+                    now,
+                    None,
+                    &st.config.rules,
+                )),
+            },
+        )
+        .collect();
+
+    let delivery = NewDelivery {
+        source: source.name.clone(),
+        dedupe_key,
+        received_at: now,
+        content_type: if is_form { "form" } else { "json" }.to_string(),
+        payload,
+    };
+    match st
+        .store
+        .record_delivery(&delivery, &runs)
+        .await
+        .map_err(storage_error)?
+    {
+        DeliveryOutcome::Accepted { delivery_id, jobs } => {
+            info!(source = %source.name, delivery_id, runs = runs.len(), jobs, "webhook accepted");
+            if jobs > 0 {
+                st.queue_notify.notify_waiters();
+            }
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({"status": "accepted", "delivery_id": delivery_id, "rules_matched": runs.len(), "jobs": jobs})),
+            )
+                .into_response())
+        }
+        DeliveryOutcome::Duplicate => {
+            info!(source = %source.name, "duplicate webhook delivery ignored");
+            Ok((StatusCode::OK, Json(json!({"status": "duplicate"}))).into_response())
+        }
+    }
+}
+
+fn storage_error(e: crate::store::StoreError) -> ApiError {
+    error!(error = %e, "could not commit a webhook delivery; answering 503 so the sender retries");
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "storage unavailable; retry later",
+    )
+}
+
+fn dedupe_key(
+    id: Option<&IdSpec>,
+    headers: &HeaderMap,
+    payload: &Value,
+    raw: &[u8],
+    source: &str,
+) -> String {
+    let found = match id {
+        Some(IdSpec::Pointer(p)) => payload.pointer(p).and_then(|v| match v {
+            Value::String(s) if !s.is_empty() => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        }),
+        Some(IdSpec::Header(h)) => headers
+            .get(h.as_str())
+            .and_then(|v| v.to_str().ok())
+            .filter(|s| !s.is_empty())
+            .map(str::to_string),
+        None => None,
+    };
+    match (found, id) {
+        (Some(v), _) => format!("id:{v}"),
+        (None, Some(_)) => {
+            warn!(
+                source,
+                "delivery has no value at the configured id; deduplicating on the body hash"
+            );
+            format!("sha256:{}", hex::encode(Sha256::digest(raw)))
+        }
+        (None, None) => format!("sha256:{}", hex::encode(Sha256::digest(raw))),
+    }
+}

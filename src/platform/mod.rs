@@ -1,0 +1,260 @@
+//! The Convirza platform client (and, in `sim`, a fake of it).
+
+pub mod sim;
+
+use crate::config::{PlatformConfig, TokenSource};
+use reqwest::header::{HeaderMap, AUTHORIZATION, RETRY_AFTER};
+use reqwest::StatusCode;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::Value;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+/// Why a platform call failed: what the operator and the retry policy need.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{kind}{}{}", status.map(|s| format!(" (HTTP {s})")).unwrap_or_default(), request_id.as_ref().map(|r| format!(" request_id={r}")).unwrap_or_default())]
+pub struct PlatformError {
+    pub kind: ErrorKind,
+    pub status: Option<u16>,
+    pub request_id: Option<String>,
+    pub retry_after: Option<Duration>,
+    /// The start of the error body, for the audit trail.
+    pub body: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ErrorKind {
+    #[error("request timed out")]
+    Timeout,
+    #[error("connection failed")]
+    Connect,
+    #[error("platform answered an error: {0}")]
+    Status(String),
+    #[error("unreadable response: {0}")]
+    Decode(String),
+    #[error("request could not be built or sent: {0}")]
+    Request(String),
+}
+
+impl PlatformError {
+    /// Worth retrying later: the platform may well accept the same request then.
+    pub fn retryable(&self) -> bool {
+        match self.kind {
+            ErrorKind::Timeout | ErrorKind::Connect => true,
+            ErrorKind::Status(_) => matches!(self.status, Some(408 | 425 | 429 | 500..=599)),
+            // A 200 whose body we could not read: the change probably landed. Retrying a
+            // PATCH without files is harmless (same fields, same values).
+            ErrorKind::Decode(_) => true,
+            ErrorKind::Request(_) => false,
+        }
+    }
+
+    pub fn unauthorized(&self) -> bool {
+        self.status == Some(401)
+    }
+}
+
+/// A successful call: the `data` of the envelope and the platform's request id.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub data: Value,
+    pub request_id: Option<String>,
+}
+
+/// The bearer token, re-read from its file after a 401 when it came from a file.
+#[derive(Clone)]
+pub struct TokenProvider {
+    current: Arc<RwLock<SecretString>>,
+    file: Option<PathBuf>,
+}
+
+impl TokenProvider {
+    pub fn new(source: &TokenSource) -> Self {
+        let (secret, file) = match source {
+            TokenSource::Static(s) => (s.clone(), None),
+            TokenSource::File(p, s) => (s.clone(), Some(p.clone())),
+        };
+        Self {
+            current: Arc::new(RwLock::new(secret)),
+            file,
+        }
+    }
+
+    fn header(&self) -> String {
+        let token = self.current.read().unwrap_or_else(|e| e.into_inner());
+        format!("Bearer {}", token.expose_secret())
+    }
+
+    /// After a 401: pick up a rotated token file. Returns whether the token changed.
+    pub fn refresh(&self) -> bool {
+        let Some(path) = &self.file else { return false };
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return false;
+        };
+        let fresh = text.trim_end_matches(['\r', '\n']).to_string();
+        let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if fresh.is_empty() || fresh == cur.expose_secret() {
+            return false;
+        }
+        *cur = SecretString::from(fresh);
+        true
+    }
+}
+
+#[derive(Clone)]
+pub struct PlatformClient {
+    http: reqwest::Client,
+    base_url: String,
+    token: TokenProvider,
+}
+
+impl PlatformClient {
+    pub fn new(cfg: &PlatformConfig) -> anyhow::Result<Self> {
+        let http = reqwest::Client::builder()
+            .timeout(cfg.timeout)
+            .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
+            .user_agent(concat!("autopilot/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(Self {
+            http,
+            base_url: cfg.base_url.clone(),
+            token: TokenProvider::new(&cfg.token),
+        })
+    }
+
+    pub fn token(&self) -> &TokenProvider {
+        &self.token
+    }
+
+    fn agent_url(&self, id: i64) -> String {
+        format!("{}/ai-voice-agents/{id}", self.base_url)
+    }
+
+    /// `GET /ai-voice-agents/{id}`: the agent's current settings.
+    pub async fn get_agent(&self, id: i64) -> Result<Reply, PlatformError> {
+        let req = self
+            .http
+            .get(self.agent_url(id))
+            .header(AUTHORIZATION, self.token.header());
+        read_reply(req.send().await).await
+    }
+
+    /// `PATCH /ai-voice-agents/{id}` as multipart/form-data with the given fields.
+    pub async fn patch_agent(
+        &self,
+        id: i64,
+        fields: &[(String, String)],
+    ) -> Result<Reply, PlatformError> {
+        let mut form = reqwest::multipart::Form::new();
+        for (k, v) in fields {
+            form = form.text(k.clone(), v.clone());
+        }
+        let req = self
+            .http
+            .patch(self.agent_url(id))
+            .header(AUTHORIZATION, self.token.header())
+            .multipart(form);
+        read_reply(req.send().await).await
+    }
+}
+
+async fn read_reply(
+    sent: Result<reqwest::Response, reqwest::Error>,
+) -> Result<Reply, PlatformError> {
+    let resp = match sent {
+        Ok(r) => r,
+        Err(e) => return Err(transport_error(&e)),
+    };
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = match resp.bytes().await {
+        Ok(b) => b,
+        Err(e) => return Err(transport_error(&e)),
+    };
+    // Error bodies are undocumented: tolerate anything, including empty or non-JSON.
+    let json: Option<Value> = serde_json::from_slice(&body).ok();
+    let request_id = json
+        .as_ref()
+        .and_then(|j| j.get("request_id"))
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .or_else(|| header_str(&headers, "x-request-id"));
+    if status.is_success() {
+        return match json {
+            Some(Value::Object(mut env)) => Ok(Reply {
+                status: status.as_u16(),
+                data: env.remove("data").unwrap_or(Value::Null),
+                request_id,
+            }),
+            _ => Err(PlatformError {
+                kind: ErrorKind::Decode("a 2xx without a JSON envelope".into()),
+                status: Some(status.as_u16()),
+                request_id,
+                retry_after: None,
+                body: Some(snippet(&body)),
+            }),
+        };
+    }
+    let message = json
+        .as_ref()
+        .and_then(|j| j.get("message"))
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_string());
+    Err(PlatformError {
+        kind: ErrorKind::Status(message),
+        status: Some(status.as_u16()),
+        request_id,
+        retry_after: retry_after(&headers, status),
+        body: Some(snippet(&body)),
+    })
+}
+
+fn transport_error(e: &reqwest::Error) -> PlatformError {
+    let kind = if e.is_timeout() {
+        ErrorKind::Timeout
+    } else if e.is_connect() || e.is_request() || e.is_body() {
+        ErrorKind::Connect
+    } else if e.is_builder() {
+        ErrorKind::Request(e.to_string())
+    } else {
+        ErrorKind::Connect
+    };
+    PlatformError {
+        kind,
+        status: e.status().map(|s| s.as_u16()),
+        request_id: None,
+        retry_after: None,
+        body: None,
+    }
+}
+
+fn header_str(h: &HeaderMap, name: &str) -> Option<String> {
+    h.get(name)?.to_str().ok().map(str::to_string)
+}
+
+/// `Retry-After` as seconds or as an HTTP date, on the statuses where it means "later".
+fn retry_after(h: &HeaderMap, status: StatusCode) -> Option<Duration> {
+    if !matches!(status.as_u16(), 429 | 503) {
+        return None;
+    }
+    let v = h.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
+        .to_std()
+        .ok()
+}
+
+fn snippet(body: &[u8]) -> String {
+    let s = String::from_utf8_lossy(body);
+    let mut end = s.len().min(500);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}

@@ -1,0 +1,1270 @@
+//! In-memory simulator ("fake") of the Convirza platform API v3, AI voice agents only.
+//!
+//! It serves the documented agent endpoints under `/v3` (list, details, partial update and
+//! full update), checks the bearer token, answers with the documented envelope and records
+//! every `/v3` request it receives (including rejected ones) so tests can assert on what
+//! actually arrived. Test-control endpoints under `/_sim` (no auth) read the log and the
+//! agents and queue faults: error statuses, `Retry-After`, and delays after which the
+//! request is still applied, as a real platform would after a client gave up waiting.
+//!
+//! Where the public documentation is silent the simulator takes the pessimistic reading and
+//! says so in a comment (for example `config` is replaced whole, never merged).
+//!
+//! Locking: one `std::sync::Mutex` around the state, only ever held for short synchronous
+//! sections, never across an `.await`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context as _};
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path as UrlPath, Request, State};
+use axum::http::header::{self, HeaderMap, HeaderValue};
+use axum::http::request::Parts;
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+/// The bearer token the simulator accepts unless told otherwise.
+pub const DEFAULT_TOKEN: &str = "sim-token";
+
+/// Largest request body the simulator reads (multipart uploads included).
+const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
+/// Page size of `GET /v3/ai-voice-agents` when `limit` is absent (the docs give none).
+const DEFAULT_PAGE_LIMIT: usize = 100;
+/// Longest delay a fault may ask for, so a typo cannot hang a test run for hours.
+const MAX_FAULT_DELAY_MS: u64 = 10 * 60 * 1000;
+/// How many recorded requests a slow subscriber may fall behind before it sees `Lagged`.
+const BROADCAST_CAPACITY: usize = 4096;
+/// Longest user-supplied value quoted back in an error message.
+const MAX_QUOTED_CHARS: usize = 80;
+
+/// Form fields the documented partial update accepts (plus `status`, per the page's use case).
+const ALLOWED_FIELDS: [&str; 13] = [
+    "voiceagent_name",
+    "voice_id",
+    "greetings",
+    "prompt",
+    "config",
+    "max_call_duration",
+    "notification_time",
+    "notification_message",
+    "urls",
+    "knowledge_base",
+    "more_information",
+    "files",
+    "status",
+];
+/// Fields that may be sent more than once in one request.
+const REPEATABLE_FIELDS: [&str; 3] = ["urls", "knowledge_base", "files"];
+/// Fields that take a non-negative integer, stored as a JSON number.
+const INTEGER_FIELDS: [&str; 3] = ["voice_id", "max_call_duration", "notification_time"];
+
+/// How a simulator starts.
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    /// The only bearer token accepted on `/v3`.
+    pub token: String,
+    /// Agents to start with; `None` seeds agents 101, 102 and 103. Missing fields are filled
+    /// from the seed template; entries without an integer `id` are skipped with a warning
+    /// (use [`Simulator::load_agents_file`] to get a precise error instead).
+    pub agents: Option<Vec<Value>>,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        Self {
+            token: DEFAULT_TOKEN.to_owned(),
+            agents: None,
+        }
+    }
+}
+
+/// One `/v3` request as the simulator received and answered it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RecordedRequest {
+    /// 1-based, in the order requests completed.
+    pub seq: u64,
+    /// When the request arrived.
+    pub at: DateTime<Utc>,
+    pub method: String,
+    /// The URI path, without the query string.
+    pub path: String,
+    /// Multipart form fields received: a repeated name maps to a JSON array, a single one to
+    /// its value; text parts are strings (lossy UTF-8), file parts `{"filename": "..."}`.
+    /// Empty for non-multipart requests.
+    pub fields: Map<String, Value>,
+    /// The HTTP status the simulator answered.
+    pub status: u16,
+    pub request_id: Option<String>,
+    /// The fault applied to this request, e.g. `"status 500"` or `"delay 3000ms"`.
+    pub fault: Option<String>,
+}
+
+/// The simulator: cheap to clone, all clones share one state.
+#[derive(Clone)]
+pub struct Simulator {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    token: String,
+    state: Mutex<SimState>,
+    events: broadcast::Sender<RecordedRequest>,
+    /// Cancelled when a `serve` call is told to stop: cuts pending fault delays short.
+    shutdown: CancellationToken,
+}
+
+#[derive(Default)]
+struct SimState {
+    agents: BTreeMap<i64, Value>,
+    requests: Vec<RecordedRequest>,
+    faults: VecDeque<Fault>,
+    next_seq: u64,
+}
+
+/// A queued fault, as posted to `/_sim/faults` (after validation).
+#[derive(Clone, Debug, Serialize)]
+struct Fault {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delay_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path_contains: Option<String>,
+    /// How many more matching requests this fault applies to.
+    count: u64,
+}
+
+impl Fault {
+    fn matches(&self, path: &str) -> bool {
+        self.path_contains
+            .as_deref()
+            .is_none_or(|needle| path.contains(needle))
+    }
+
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(ms) = self.delay_ms {
+            parts.push(format!("delay {ms}ms"));
+        }
+        if let Some(status) = self.status {
+            match self.retry_after {
+                Some(secs) => parts.push(format!("status {status} retry-after {secs}")),
+                None => parts.push(format!("status {status}")),
+            }
+        }
+        parts.join(", ")
+    }
+}
+
+/// The wire form of a fault; unknown keys are rejected.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultSpec {
+    status: Option<u16>,
+    retry_after: Option<u64>,
+    delay_ms: Option<u64>,
+    path_contains: Option<String>,
+    count: Option<u64>,
+}
+
+impl FaultSpec {
+    fn validate(self) -> Result<Fault, String> {
+        if self.status.is_none() && self.delay_ms.is_none() {
+            return Err("a fault needs `status` and/or `delay_ms`".to_owned());
+        }
+        if let Some(status) = self.status {
+            if !(400..=599).contains(&status) {
+                return Err(format!(
+                    "`status` must be between 400 and 599, got {status}"
+                ));
+            }
+        }
+        if self.retry_after.is_some() && self.status.is_none() {
+            return Err("`retry_after` needs a `status` (e.g. 429 or 503)".to_owned());
+        }
+        if let Some(ms) = self.delay_ms {
+            if ms > MAX_FAULT_DELAY_MS {
+                return Err(format!(
+                    "`delay_ms` must be at most {MAX_FAULT_DELAY_MS}, got {ms}"
+                ));
+            }
+        }
+        let count = self.count.unwrap_or(1);
+        if count == 0 {
+            return Err("`count` must be at least 1".to_owned());
+        }
+        Ok(Fault {
+            status: self.status,
+            retry_after: self.retry_after,
+            delay_ms: self.delay_ms,
+            path_contains: self.path_contains,
+            count,
+        })
+    }
+}
+
+impl Simulator {
+    /// A simulator with the given token and agents (seeded 101, 102, 103 by default).
+    pub fn new(opts: SimOptions) -> Self {
+        let mut agents = BTreeMap::new();
+        match opts.agents {
+            None => {
+                for id in [101, 102, 103] {
+                    agents.insert(id, seed_agent(id));
+                }
+            }
+            Some(list) => {
+                for (index, value) in list.into_iter().enumerate() {
+                    match normalize_agent(value) {
+                        Ok((id, agent)) => {
+                            agents.insert(id, agent);
+                        }
+                        Err(problem) => {
+                            tracing::warn!(index, %problem, "simulator: skipping agent");
+                        }
+                    }
+                }
+            }
+        }
+        let (events, _) = broadcast::channel(BROADCAST_CAPACITY);
+        Self {
+            shared: Arc::new(Shared {
+                token: opts.token,
+                state: Mutex::new(SimState {
+                    agents,
+                    ..SimState::default()
+                }),
+                events,
+                shutdown: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// The full router (`/v3` API and `/_sim` controls), state applied.
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/_sim/requests", get(sim_requests))
+            .route(
+                "/_sim/faults",
+                get(sim_list_faults)
+                    .post(sim_add_faults)
+                    .delete(sim_clear_faults),
+            )
+            .route("/_sim/agents/{id}", get(sim_agent))
+            // Everything else, `/v3` included, lands here: the simulator routes `/v3`
+            // itself so that every request under it (unknown paths and methods too) is
+            // recorded, faulted and answered with the envelope.
+            .fallback(fallback)
+            .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+            .with_state(self.clone())
+    }
+
+    /// Serves the router on `listener` until `cancel` fires, then shuts down gracefully
+    /// (pending fault delays are cut short and answered 503).
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        cancel: CancellationToken,
+    ) -> std::io::Result<()> {
+        let shutdown = self.shared.shutdown.clone();
+        axum::serve(listener, self.router())
+            .with_graceful_shutdown(async move {
+                cancel.cancelled().await;
+                shutdown.cancel();
+            })
+            .await
+    }
+
+    /// Every `/v3` request recorded so far, in completion order.
+    pub fn requests(&self) -> Vec<RecordedRequest> {
+        self.lock().requests.clone()
+    }
+
+    /// Receives every request recorded from now on, as it completes (before its response
+    /// is sent).
+    pub fn subscribe(&self) -> broadcast::Receiver<RecordedRequest> {
+        self.shared.events.subscribe()
+    }
+
+    /// The agent's current JSON, if it exists.
+    pub fn agent(&self, id: i64) -> Option<Value> {
+        self.lock().agents.get(&id).cloned()
+    }
+
+    /// Reads a JSON array of agent objects. Each must have an integer `id`; fields it lacks
+    /// are filled from the seed template. Errors name the file and the problem.
+    pub fn load_agents_file(path: &Path) -> anyhow::Result<Vec<Value>> {
+        let shown = path.display();
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read agents file {shown}"))?;
+        let parsed: Value = serde_json::from_str(&text)
+            .with_context(|| format!("agents file {shown} is not valid JSON"))?;
+        let Value::Array(items) = parsed else {
+            return Err(anyhow!(
+                "agents file {shown}: expected a JSON array of agent objects, found {}",
+                kind_of(&parsed)
+            ));
+        };
+        let mut seen = BTreeMap::new();
+        let mut agents = Vec::with_capacity(items.len());
+        for (index, item) in items.into_iter().enumerate() {
+            let (id, agent) = normalize_agent(item)
+                .map_err(|problem| anyhow!("agents file {shown}: agent #{index}: {problem}"))?;
+            if let Some(first) = seen.insert(id, index) {
+                return Err(anyhow!(
+                    "agents file {shown}: agent #{index}: duplicate id {id} (already used by agent #{first})"
+                ));
+            }
+            agents.push(agent);
+        }
+        Ok(agents)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SimState> {
+        // A poisoned lock only means another thread panicked mid-update; the state is plain
+        // data and stays usable, and the simulator must keep answering.
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Takes one use of the first queued fault matching `path` (FIFO).
+    fn take_fault(&self, path: &str) -> Option<Fault> {
+        let mut state = self.lock();
+        let index = state.faults.iter().position(|f| f.matches(path))?;
+        let fault = state.faults.get_mut(index)?;
+        fault.count -= 1;
+        let taken = fault.clone();
+        if fault.count == 0 {
+            state.faults.remove(index);
+        }
+        Some(taken)
+    }
+
+    fn record(&self, mut rec: RecordedRequest) {
+        tracing::debug!(
+            method = %rec.method,
+            path = %rec.path,
+            status = rec.status,
+            fault = rec.fault.as_deref(),
+            "simulator request"
+        );
+        let mut state = self.lock();
+        state.next_seq += 1;
+        rec.seq = state.next_seq;
+        state.requests.push(rec.clone());
+        // Sent under the lock so subscribers see the same order as `requests()`; a
+        // broadcast send never blocks. No subscribers is not an error.
+        let _ = self.shared.events.send(rec);
+    }
+
+    /// Handles one `/v3` request to completion: fault, auth, routing, recording.
+    async fn process(
+        self,
+        parts: Parts,
+        body: Result<Bytes, String>,
+        request_id: String,
+        at: DateTime<Utc>,
+    ) -> Response {
+        let path = parts.uri.path().to_owned();
+        let body = read_body(&parts, body).await;
+        let fault = self.take_fault(&path);
+        let reply = self.answer(&parts, &body, fault.as_ref()).await;
+        self.record(RecordedRequest {
+            seq: 0,
+            at,
+            method: parts.method.to_string(),
+            path,
+            fields: body.recorded_fields(),
+            status: reply.status.as_u16(),
+            request_id: Some(request_id.clone()),
+            fault: fault.as_ref().map(Fault::describe),
+        });
+        reply.into_response_with(&request_id)
+    }
+
+    async fn answer(&self, parts: &Parts, body: &BodyInfo, fault: Option<&Fault>) -> Reply {
+        if let Some(fault) = fault {
+            if let Some(ms) = fault.delay_ms {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(ms)) => {}
+                    () = self.shared.shutdown.cancelled() => {
+                        return Reply::error(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "the simulator is shutting down",
+                        );
+                    }
+                }
+            }
+            if let Some(status) = fault.status {
+                let code =
+                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                let mut reply = Reply::error(
+                    code,
+                    format!(
+                        "simulated fault: {status} {}",
+                        code.canonical_reason().unwrap_or("")
+                    )
+                    .trim_end(),
+                );
+                reply.retry_after = fault.retry_after;
+                return reply;
+            }
+        }
+        if let Err(reply) = self.check_auth(&parts.headers) {
+            return reply;
+        }
+        self.route(&parts.method, parts.uri.path(), parts.uri.query(), body)
+    }
+
+    fn check_auth(&self, headers: &HeaderMap) -> Result<(), Reply> {
+        let Some(value) = headers.get(header::AUTHORIZATION) else {
+            return Err(Reply::unauthorized(
+                "missing Authorization header (expected `Bearer <token>`)",
+            ));
+        };
+        let Ok(value) = value.to_str() else {
+            return Err(Reply::unauthorized(
+                "Authorization header is not valid ASCII",
+            ));
+        };
+        let Some((scheme, token)) = value.split_once(' ') else {
+            return Err(Reply::unauthorized(
+                "Authorization header must be `Bearer <token>`",
+            ));
+        };
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return Err(Reply::unauthorized("Authorization scheme must be Bearer"));
+        }
+        if token.trim() != self.shared.token {
+            return Err(Reply::unauthorized("invalid or expired bearer token"));
+        }
+        Ok(())
+    }
+
+    fn route(&self, method: &Method, path: &str, query: Option<&str>, body: &BodyInfo) -> Reply {
+        let rest = path.strip_prefix("/v3").unwrap_or(path);
+        let segments: Vec<&str> = rest.split('/').skip(1).collect();
+        match segments.as_slice() {
+            ["ai-voice-agents"] => match *method {
+                Method::GET => self.list_agents(query),
+                Method::POST => Reply::error(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "creating agents is not simulated",
+                ),
+                _ => Reply::method_not_allowed(method, path, "GET, POST"),
+            },
+            ["ai-voice-agents", raw_id] => {
+                let mode = match *method {
+                    Method::GET => None,
+                    Method::PATCH => Some(UpdateMode::Patch),
+                    Method::PUT => Some(UpdateMode::Put),
+                    Method::DELETE => {
+                        return Reply::error(
+                            StatusCode::NOT_IMPLEMENTED,
+                            "deleting agents is not simulated",
+                        )
+                    }
+                    _ => return Reply::method_not_allowed(method, path, "GET, PUT, PATCH, DELETE"),
+                };
+                let id = match parse_agent_id(raw_id) {
+                    Ok(id) => id,
+                    Err(message) => return Reply::error(StatusCode::BAD_REQUEST, message),
+                };
+                match mode {
+                    None => match self.agent(id) {
+                        Some(agent) => Reply::ok(agent),
+                        None => Reply::agent_not_found(id),
+                    },
+                    Some(mode) => self.update_agent(id, mode, body),
+                }
+            }
+            _ => Reply::error(
+                StatusCode::NOT_FOUND,
+                format!("no such endpoint: {}", quote(path)),
+            ),
+        }
+    }
+
+    fn list_agents(&self, query: Option<&str>) -> Reply {
+        let uri_query = format!("/?{}", query.unwrap_or(""));
+        let pairs: Vec<(String, String)> =
+            match uri_query.parse::<axum::http::Uri>().ok().and_then(|uri| {
+                axum::extract::Query::<Vec<(String, String)>>::try_from_uri(&uri).ok()
+            }) {
+                Some(axum::extract::Query(pairs)) => pairs,
+                None => {
+                    return Reply::error(StatusCode::BAD_REQUEST, "malformed query string");
+                }
+            };
+        let mut limit = DEFAULT_PAGE_LIMIT;
+        let mut offset = 0usize;
+        for (key, value) in &pairs {
+            let target = match key.as_str() {
+                "limit" => &mut limit,
+                "offset" => &mut offset,
+                _ => continue, // other filters are not simulated; ignore them
+            };
+            match parse_non_negative(key, value) {
+                Ok(n) => *target = usize::try_from(n).unwrap_or(usize::MAX),
+                Err(message) => return Reply::error(StatusCode::BAD_REQUEST, message),
+            }
+        }
+        let state = self.lock();
+        let total = state.agents.len();
+        let page: Vec<Value> = state
+            .agents
+            .values()
+            .skip(offset)
+            .take(limit)
+            .cloned()
+            .collect();
+        drop(state);
+        Reply {
+            status: StatusCode::OK,
+            payload: Payload::Data {
+                data: Value::Array(page),
+                total: Some(total),
+            },
+            retry_after: None,
+            allow: None,
+        }
+    }
+
+    fn update_agent(&self, id: i64, mode: UpdateMode, body: &BodyInfo) -> Reply {
+        if self.agent(id).is_none() {
+            return Reply::agent_not_found(id);
+        }
+        let form = match body {
+            BodyInfo::Form(form) => form,
+            BodyInfo::NotMultipart(content_type) => {
+                let got = content_type
+                    .as_deref()
+                    .map_or_else(|| "none".to_owned(), quote);
+                return Reply::error(
+                    StatusCode::BAD_REQUEST,
+                    format!("request body must be multipart/form-data (Content-Type: {got})"),
+                );
+            }
+            BodyInfo::Unreadable(message) => {
+                return Reply::error(StatusCode::BAD_REQUEST, message.clone());
+            }
+        };
+        if let Some(error) = &form.error {
+            return Reply::error(StatusCode::BAD_REQUEST, error.clone());
+        }
+        let update = match Update::from_form(&form.parts) {
+            Ok(update) => update,
+            Err(message) => return Reply::error(StatusCode::BAD_REQUEST, message),
+        };
+        let mut state = self.lock();
+        let Some(Value::Object(agent)) = state.agents.get_mut(&id) else {
+            return Reply::agent_not_found(id);
+        };
+        update.apply(agent, mode);
+        let updated = Value::Object(agent.clone());
+        drop(state);
+        Reply::ok(updated)
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Handlers
+
+async fn fallback(State(sim): State<Simulator>, req: Request) -> Response {
+    let path = req.uri().path();
+    if path == "/v3" || path.starts_with("/v3/") {
+        return v3_entry(sim, req).await;
+    }
+    let message = format!("no such endpoint: {}", quote(path));
+    Reply::error(StatusCode::NOT_FOUND, message).into_response_with(&new_request_id())
+}
+
+async fn v3_entry(sim: Simulator, req: Request) -> Response {
+    let at = Utc::now();
+    let request_id = new_request_id();
+    let (parts, body) = req.into_parts();
+    // Read the whole body first (the client sends it at once), then finish the request in
+    // its own task: if the client disconnects during a fault delay, the request is still
+    // applied and recorded, as on a real platform.
+    let body = axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|e| {
+            format!("could not read the request body (limit {MAX_BODY_BYTES} bytes): {e}")
+        });
+    let task = tokio::spawn(sim.process(parts, body, request_id.clone(), at));
+    match task.await {
+        Ok(response) => response,
+        Err(e) => {
+            tracing::error!(error = %e, "simulator request task failed");
+            Reply::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "simulator internal error",
+            )
+            .into_response_with(&request_id)
+        }
+    }
+}
+
+async fn sim_requests(State(sim): State<Simulator>) -> Response {
+    axum::Json(sim.requests()).into_response()
+}
+
+async fn sim_list_faults(State(sim): State<Simulator>) -> Response {
+    let faults: Vec<Fault> = sim.lock().faults.iter().cloned().collect();
+    axum::Json(faults).into_response()
+}
+
+async fn sim_add_faults(State(sim): State<Simulator>, body: Bytes) -> Response {
+    let request_id = new_request_id();
+    let bad = |message: String| {
+        Reply::error(StatusCode::BAD_REQUEST, message).into_response_with(&request_id)
+    };
+    let value: Value = match serde_json::from_slice(&body) {
+        Ok(value) => value,
+        Err(e) => return bad(format!("fault body is not valid JSON: {e}")),
+    };
+    let specs = match value {
+        Value::Array(items) => items,
+        object @ Value::Object(_) => vec![object],
+        other => {
+            return bad(format!(
+                "fault body must be a fault object or an array of them, found {}",
+                kind_of(&other)
+            ))
+        }
+    };
+    let mut faults = Vec::with_capacity(specs.len());
+    for (index, spec) in specs.into_iter().enumerate() {
+        let fault = serde_json::from_value::<FaultSpec>(spec)
+            .map_err(|e| e.to_string())
+            .and_then(FaultSpec::validate);
+        match fault {
+            Ok(fault) => faults.push(fault),
+            Err(problem) => return bad(format!("fault #{index}: {problem}")),
+        }
+    }
+    let queued = faults.len();
+    let mut state = sim.lock();
+    state.faults.extend(faults);
+    let pending: Vec<Fault> = state.faults.iter().cloned().collect();
+    drop(state);
+    axum::Json(json!({ "queued": queued, "faults": pending })).into_response()
+}
+
+async fn sim_clear_faults(State(sim): State<Simulator>) -> Response {
+    let cleared = std::mem::take(&mut sim.lock().faults).len();
+    axum::Json(json!({ "cleared": cleared })).into_response()
+}
+
+async fn sim_agent(State(sim): State<Simulator>, UrlPath(raw_id): UrlPath<String>) -> Response {
+    let request_id = new_request_id();
+    let id = match parse_agent_id(&raw_id) {
+        Ok(id) => id,
+        Err(message) => {
+            return Reply::error(StatusCode::BAD_REQUEST, message).into_response_with(&request_id)
+        }
+    };
+    match sim.agent(id) {
+        Some(agent) => axum::Json(agent).into_response(),
+        None => Reply::agent_not_found(id).into_response_with(&request_id),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Replies
+
+enum Payload {
+    Data { data: Value, total: Option<usize> },
+    Error(String),
+}
+
+struct Reply {
+    status: StatusCode,
+    payload: Payload,
+    retry_after: Option<u64>,
+    allow: Option<&'static str>,
+}
+
+impl Reply {
+    fn ok(data: Value) -> Self {
+        Self {
+            status: StatusCode::OK,
+            payload: Payload::Data { data, total: None },
+            retry_after: None,
+            allow: None,
+        }
+    }
+
+    fn error(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            payload: Payload::Error(message.into()),
+            retry_after: None,
+            allow: None,
+        }
+    }
+
+    fn unauthorized(message: &str) -> Self {
+        Self::error(StatusCode::UNAUTHORIZED, message)
+    }
+
+    fn agent_not_found(id: i64) -> Self {
+        Self::error(
+            StatusCode::NOT_FOUND,
+            format!("AI voice agent {id} not found"),
+        )
+    }
+
+    fn method_not_allowed(method: &Method, path: &str, allow: &'static str) -> Self {
+        let mut reply = Self::error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!(
+                "method {method} is not allowed on {} (allowed: {allow})",
+                quote(path)
+            ),
+        );
+        reply.allow = Some(allow);
+        reply
+    }
+
+    fn into_response_with(self, request_id: &str) -> Response {
+        let timestamp = now_rfc3339();
+        let body = match self.payload {
+            Payload::Data { data, total } => {
+                let mut envelope = json!({
+                    "code": self.status.as_u16(),
+                    "message": "Success",
+                    "data": data,
+                    "request_id": request_id,
+                    "timestamp": timestamp,
+                });
+                if let (Some(total), Value::Object(map)) = (total, &mut envelope) {
+                    map.insert("total".to_owned(), json!(total));
+                }
+                envelope
+            }
+            Payload::Error(message) => json!({
+                "code": self.status.as_u16(),
+                "message": message,
+                "request_id": request_id,
+                "timestamp": timestamp,
+            }),
+        };
+        let mut response = (self.status, axum::Json(body)).into_response();
+        let headers = response.headers_mut();
+        if let Ok(value) = HeaderValue::from_str(request_id) {
+            headers.insert("x-request-id", value);
+        }
+        if let Some(secs) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some(allow) = self.allow {
+            headers.insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Request bodies and form parsing
+
+enum PartValue {
+    Text(String),
+    File(String),
+}
+
+struct FormPart {
+    name: String,
+    value: PartValue,
+}
+
+#[derive(Default)]
+struct ParsedForm {
+    parts: Vec<FormPart>,
+    /// The first problem met while reading the form; parts read before it are kept for the
+    /// request log.
+    error: Option<String>,
+}
+
+enum BodyInfo {
+    NotMultipart(Option<String>),
+    Form(ParsedForm),
+    Unreadable(String),
+}
+
+impl BodyInfo {
+    fn recorded_fields(&self) -> Map<String, Value> {
+        let mut fields = Map::new();
+        let BodyInfo::Form(form) = self else {
+            return fields;
+        };
+        for part in &form.parts {
+            let value = match &part.value {
+                PartValue::Text(text) => Value::String(text.clone()),
+                PartValue::File(filename) => json!({ "filename": filename }),
+            };
+            match fields.get_mut(&part.name) {
+                Some(Value::Array(values)) => values.push(value),
+                Some(existing) => {
+                    let first = existing.take();
+                    *existing = Value::Array(vec![first, value]);
+                }
+                None => {
+                    fields.insert(part.name.clone(), value);
+                }
+            }
+        }
+        fields
+    }
+}
+
+fn is_multipart(content_type: &str) -> bool {
+    content_type
+        .split(';')
+        .next()
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("multipart/form-data"))
+}
+
+async fn read_body(parts: &Parts, body: Result<Bytes, String>) -> BodyInfo {
+    let content_type = match parts.headers.get(header::CONTENT_TYPE) {
+        None => None,
+        Some(value) => match value.to_str() {
+            Ok(text) => Some(text.to_owned()),
+            Err(_) => {
+                return BodyInfo::NotMultipart(Some(
+                    String::from_utf8_lossy(value.as_bytes()).into_owned(),
+                ))
+            }
+        },
+    };
+    if !content_type.as_deref().is_some_and(is_multipart) {
+        return BodyInfo::NotMultipart(content_type);
+    }
+    let bytes = match body {
+        Ok(bytes) => bytes,
+        Err(message) => return BodyInfo::Unreadable(message),
+    };
+    let request = Request::from_parts(parts.clone(), Body::from(bytes));
+    let mut multipart = match Multipart::from_request(request, &()).await {
+        Ok(multipart) => multipart,
+        Err(rejection) => {
+            return BodyInfo::Form(ParsedForm {
+                parts: Vec::new(),
+                error: Some(format!(
+                    "malformed multipart body: {}",
+                    rejection.body_text()
+                )),
+            })
+        }
+    };
+    let mut form = ParsedForm::default();
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(field)) => field,
+            Ok(None) => break,
+            Err(e) => {
+                form.error = Some(format!("malformed multipart body: {}", e.body_text()));
+                break;
+            }
+        };
+        let name = field.name().map(str::to_owned);
+        let filename = field.file_name().map(str::to_owned);
+        let bytes = match field.bytes().await {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                form.error = Some(format!("malformed multipart body: {}", e.body_text()));
+                break;
+            }
+        };
+        let Some(name) = name else {
+            form.error
+                .get_or_insert_with(|| "a multipart part has no field name".to_owned());
+            continue;
+        };
+        let value = match filename {
+            Some(filename) => PartValue::File(filename),
+            None => match String::from_utf8(bytes.to_vec()) {
+                Ok(text) => PartValue::Text(text),
+                Err(_) => {
+                    form.error.get_or_insert_with(|| {
+                        format!("form field {} is not valid UTF-8", quote(&name))
+                    });
+                    PartValue::Text(String::from_utf8_lossy(&bytes).into_owned())
+                }
+            },
+        };
+        form.parts.push(FormPart { name, value });
+    }
+    BodyInfo::Form(form)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum UpdateMode {
+    /// PATCH: files and knowledge-base URLs are appended.
+    Patch,
+    /// PUT: files and knowledge-base URLs replace the current lists.
+    Put,
+}
+
+/// A validated update; only fields that were sent are present.
+#[derive(Default)]
+struct Update {
+    /// Scalar and object fields, set as given.
+    set: Vec<(&'static str, Value)>,
+    urls: Option<Vec<String>>,
+    knowledge_base: Option<Vec<String>>,
+    files: Option<Vec<String>>,
+}
+
+impl Update {
+    fn from_form(parts: &[FormPart]) -> Result<Self, String> {
+        let mut unknown: Vec<&str> = Vec::new();
+        for part in parts {
+            let name = part.name.as_str();
+            if !ALLOWED_FIELDS.contains(&name) && !unknown.contains(&name) {
+                unknown.push(name);
+            }
+        }
+        if !unknown.is_empty() {
+            let listed: Vec<String> = unknown
+                .iter()
+                .map(|name| match suggestion(name) {
+                    Some(better) => format!("{} (did you mean `{better}`?)", quote(name)),
+                    None => quote(name),
+                })
+                .collect();
+            return Err(format!(
+                "unknown form field{} {}; allowed fields: {}",
+                if unknown.len() == 1 { "" } else { "s" },
+                listed.join(", "),
+                ALLOWED_FIELDS.join(", ")
+            ));
+        }
+
+        let mut update = Update::default();
+        for field in ALLOWED_FIELDS {
+            let count = parts.iter().filter(|p| p.name == field).count();
+            if count > 1 && !REPEATABLE_FIELDS.contains(&field) {
+                // The docs do not say which value would win; reject rather than guess.
+                return Err(format!(
+                    "form field `{field}` was sent {count} times; it takes one value"
+                ));
+            }
+        }
+        for part in parts {
+            // `ALLOWED_FIELDS` holds the canonical &'static str for this name.
+            let Some(field) = ALLOWED_FIELDS.iter().copied().find(|f| *f == part.name) else {
+                continue;
+            };
+            let text = match (&part.value, field) {
+                (PartValue::File(filename), "files") => {
+                    let files = update.files.get_or_insert_with(Vec::new);
+                    if !filename.is_empty() {
+                        files.push(filename.clone());
+                    }
+                    continue;
+                }
+                (PartValue::File(_), _) => {
+                    return Err(format!(
+                        "form field `{field}` must be a text field, not a file upload"
+                    ));
+                }
+                (PartValue::Text(text), _) => text,
+            };
+            match field {
+                // The documented example sends `files=""` as a plain text field: an empty
+                // value is ignored, a non-empty one is not a file and is refused.
+                "files" => {
+                    update.files.get_or_insert_with(Vec::new);
+                    if !text.is_empty() {
+                        return Err(format!(
+                            "form field `files` must be a file upload (a part with a filename), got text {}",
+                            quote(text)
+                        ));
+                    }
+                }
+                "urls" => {
+                    let urls = update.urls.get_or_insert_with(Vec::new);
+                    if !text.is_empty() {
+                        urls.push(text.clone());
+                    }
+                }
+                "knowledge_base" => {
+                    let urls = update.knowledge_base.get_or_insert_with(Vec::new);
+                    if !text.is_empty() {
+                        urls.push(text.clone());
+                    }
+                }
+                "config" => {
+                    let config: Value = serde_json::from_str(text)
+                        .map_err(|e| format!("form field `config` is not valid JSON: {e}"))?;
+                    if !config.is_object() {
+                        return Err(format!(
+                            "form field `config` must be a JSON object, got {}",
+                            kind_of(&config)
+                        ));
+                    }
+                    update.set.push((field, config));
+                }
+                "status" => {
+                    if text != "active" && text != "inactive" {
+                        return Err(format!(
+                            "form field `status` must be \"active\" or \"inactive\", got {}",
+                            quote(text)
+                        ));
+                    }
+                    update.set.push((field, Value::String(text.clone())));
+                }
+                _ if INTEGER_FIELDS.contains(&field) => {
+                    let n = parse_non_negative(field, text)?;
+                    update.set.push((field, json!(n)));
+                }
+                _ => update.set.push((field, Value::String(text.clone()))),
+            }
+        }
+        Ok(update)
+    }
+
+    fn apply(self, agent: &mut Map<String, Value>, mode: UpdateMode) {
+        for (field, value) in self.set {
+            // The docs are silent on whether `config` merges into the stored object; the
+            // simulator replaces it whole, the pessimistic case a client must survive.
+            agent.insert(field.to_owned(), value);
+        }
+        if let Some(urls) = self.urls {
+            agent.insert("urls".to_owned(), strings(urls));
+        }
+        for (key, values) in [
+            ("knowledgebase_urls", self.knowledge_base),
+            ("knowledgebase_files", self.files),
+        ] {
+            let Some(values) = values else { continue };
+            match (mode, agent.get_mut(key)) {
+                (UpdateMode::Patch, Some(Value::Array(existing))) => {
+                    existing.extend(values.into_iter().map(Value::String));
+                }
+                _ => {
+                    agent.insert(key.to_owned(), strings(values));
+                }
+            }
+        }
+        agent.insert("updated_on".to_owned(), Value::String(now_rfc3339()));
+    }
+}
+
+fn suggestion(name: &str) -> Option<&'static str> {
+    Some(match name {
+        "greeting" | "greeting_message" => "greetings",
+        "name" | "agent_name" | "voice_agent_name" => "voiceagent_name",
+        "url" => "urls",
+        "file" | "knowledgebase_files" => "files",
+        "knowledgebase_urls" | "knowledgebase" | "knowledge_base_urls" => "knowledge_base",
+        "voice" => "voice_id",
+        _ => return None,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Agents
+
+/// The seed template: every field of the documented 200 example, distinct per seeded id.
+fn seed_agent(id: i64) -> Value {
+    let (name, phone, voice_id, voice, greetings, prompt, direction, org_unit_id) = match id {
+        101 => (
+            "Sales Assistant — Inbound Leads".to_owned(),
+            "+14255551234".to_owned(),
+            3,
+            "alloy",
+            "Thank you for calling Convirza! How can I assist you today?",
+            "You are a professional sales assistant for Convirza. Your goal is to qualify inbound leads, answer product questions, and schedule demos. Always be concise, friendly, and focused on the caller's needs.",
+            "inbound",
+            1001,
+        ),
+        102 => (
+            "Support Assistant — Day Shift".to_owned(),
+            "+14255551235".to_owned(),
+            5,
+            "nova",
+            "Thanks for calling Convirza support. How can I help?",
+            "You are a support assistant for Convirza. Troubleshoot calmly, collect account details, and open a ticket when you cannot resolve the issue.",
+            "inbound",
+            1001,
+        ),
+        103 => (
+            "Appointment Reminder — Outbound".to_owned(),
+            "+14255551236".to_owned(),
+            7,
+            "echo",
+            "Hello, this is Convirza calling to confirm your appointment.",
+            "You are an outbound assistant that confirms, reschedules or cancels appointments. Be brief and polite.",
+            "outbound",
+            1002,
+        ),
+        _ => (
+            format!("Voice Agent {id}"),
+            format!("+1425555{:04}", id.rem_euclid(10_000)),
+            3,
+            "alloy",
+            "Thank you for calling! How can I assist you today?",
+            "You are a helpful voice assistant.",
+            "inbound",
+            1001,
+        ),
+    };
+    json!({
+        "id": id,
+        "primary_phone_number": phone,
+        "prompt": prompt,
+        "greetings": greetings,
+        "voiceagent_type_id": 1,
+        "voice_id": voice_id,
+        "voiceagent_name": name,
+        "type": "conversational",
+        "voice": voice,
+        "created_on": "2026-01-15T10:30:00.000Z",
+        "updated_on": "2026-03-20T14:20:00.000Z",
+        "status": "active",
+        "direction": direction,
+        "more_information": "Prioritize callers who mention pricing or demo requests. Escalate to a human if the caller expresses frustration.",
+        "urls": ["https://docs.example.com/faq", "https://www.example.com/pricing"],
+        "inherited_prompt_id": 12,
+        "config": {
+            "background_noise": false,
+            "volume": 0.8,
+            "block_non_intelliquent_number": true
+        },
+        "max_call_duration": 300,
+        "notification_time": 60,
+        "notification_message": "This call will end in 1 minute.",
+        "org_unit_id": org_unit_id,
+        "knowledgebase_files": ["product-catalog.pdf", "sales-playbook.docx"],
+        "knowledgebase_urls": ["https://docs.example.com/guide", "https://www.example.com/faq"]
+    })
+}
+
+/// Checks one agent object and fills the fields it lacks from the seed template.
+fn normalize_agent(value: Value) -> Result<(i64, Value), String> {
+    let Value::Object(given) = value else {
+        return Err(format!("expected a JSON object, found {}", kind_of(&value)));
+    };
+    let id = match given.get("id") {
+        None => return Err("missing integer \"id\"".to_owned()),
+        Some(id) => id
+            .as_i64()
+            .ok_or_else(|| format!("\"id\" must be an integer, found {id}"))?,
+    };
+    if let Some(config) = given.get("config") {
+        if !config.is_object() {
+            return Err(format!(
+                "agent {id}: \"config\" must be a JSON object, found {}",
+                kind_of(config)
+            ));
+        }
+    }
+    for key in ["urls", "knowledgebase_files", "knowledgebase_urls"] {
+        if let Some(list) = given.get(key) {
+            let ok = list
+                .as_array()
+                .is_some_and(|items| items.iter().all(Value::is_string));
+            if !ok {
+                return Err(format!("agent {id}: \"{key}\" must be an array of strings"));
+            }
+        }
+    }
+    if let Some(status) = given.get("status") {
+        if status != "active" && status != "inactive" {
+            return Err(format!(
+                "agent {id}: \"status\" must be \"active\" or \"inactive\", found {status}"
+            ));
+        }
+    }
+    let Value::Object(mut agent) = seed_agent(id) else {
+        return Err("internal: seed template is not an object".to_owned());
+    };
+    agent.extend(given);
+    Ok((id, Value::Object(agent)))
+}
+
+// ---------------------------------------------------------------------------------------
+// Small helpers
+
+fn new_request_id() -> String {
+    Uuid::new_v4().to_string()
+}
+
+fn now_rfc3339() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn parse_agent_id(raw: &str) -> Result<i64, String> {
+    if raw.is_empty() {
+        return Err("agent id is missing from the path".to_owned());
+    }
+    if raw.bytes().all(|b| b.is_ascii_digit()) {
+        if let Ok(id) = raw.parse::<i64>() {
+            return Ok(id);
+        }
+    }
+    Err(format!(
+        "agent id must be a positive integer, got {}",
+        quote(raw)
+    ))
+}
+
+/// A non-negative integer that fits an `i64` (so clients may store it in one).
+fn parse_non_negative(name: &str, text: &str) -> Result<u64, String> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "`{name}` must be a non-negative integer, got {}",
+            quote(text)
+        ));
+    }
+    text.parse::<i64>()
+        .ok()
+        .and_then(|n| u64::try_from(n).ok())
+        .ok_or_else(|| format!("`{name}` is out of range: {}", quote(text)))
+}
+
+fn strings(values: Vec<String>) -> Value {
+    Value::Array(values.into_iter().map(Value::String).collect())
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Quotes a user-supplied value for an error message, shortened if long.
+fn quote(text: &str) -> String {
+    let mut chars = text.chars();
+    let shown: String = chars.by_ref().take(MAX_QUOTED_CHARS).collect();
+    if chars.next().is_some() {
+        format!("`{shown}…`")
+    } else {
+        format!("`{shown}`")
+    }
+}

@@ -1,0 +1,179 @@
+//! The scheduler: fires cron rules in each rule's own zone. It sleeps until the earliest
+//! next fire (at most a minute, then re-reads the wall clock), and resumes from the last
+//! *scheduled* instant stored for each rule, so a restart never fires an instant twice and
+//! a missed fire inside the rule's `catch_up` window still runs, once.
+
+use crate::clock::SharedClock;
+use crate::config::Config;
+use crate::rules::{self, Decision, Rule};
+use crate::store::{NewRun, Store};
+use chrono::{DateTime, Utc};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+pub struct Scheduler {
+    pub config: Arc<Config>,
+    pub store: Store,
+    pub clock: SharedClock,
+    pub queue_notify: Arc<Notify>,
+}
+
+/// What to do about the fires of one rule that are due now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Due {
+    /// Fire at this scheduled instant; `missed` earlier instants were coalesced into it.
+    Fire { at: DateTime<Utc>, missed: usize },
+    /// The latest due instant is older than the catch-up window.
+    TooLate { at: DateTime<Utc>, missed: usize },
+}
+
+/// Pure: given the first unfired instant `first` (≤ now), decide what to run.
+pub fn due(rule: &Rule, first: DateTime<Utc>, now: DateTime<Utc>) -> Option<Due> {
+    let schedule = rule.schedule()?;
+    if first > now {
+        return None;
+    }
+    let latest = schedule
+        .latest_at_or_before(now)
+        .unwrap_or(first)
+        .max(first);
+    let mut missed = 0;
+    let mut t = first;
+    while t < latest && missed < 100_000 {
+        missed += 1;
+        match schedule.next_after(t) {
+            Some(n) => t = n,
+            None => break,
+        }
+    }
+    let late = (now - latest).to_std().unwrap_or_default();
+    Some(if late <= rule.catch_up.max(ON_TIME) {
+        Due::Fire { at: latest, missed }
+    } else {
+        Due::TooLate { at: latest, missed }
+    })
+}
+
+/// A fire this late is still on time (scheduler wake-up latency), even with `catch_up = "0s"`.
+pub const ON_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Scheduler {
+    pub async fn run(self, cancel: CancellationToken) {
+        let mut next: HashMap<String, DateTime<Utc>> = HashMap::new();
+        let now = self.clock.now();
+        for rule in &self.config.rules {
+            let Some(schedule) = rule.schedule() else {
+                continue;
+            };
+            let first = match self.store.last_fire(&rule.name).await {
+                Ok(Some(last)) => schedule.next_after(last),
+                Ok(None) => schedule.next_after(now),
+                Err(e) => {
+                    error!(rule = %rule.name, error = %e, "cannot read the rule's last fire; starting from now");
+                    schedule.next_after(now)
+                }
+            };
+            if let Some(first) = first {
+                info!(rule = %rule.name, next = %first.with_timezone(&schedule.zone), "rule scheduled");
+                next.insert(rule.name.clone(), first);
+            }
+        }
+        loop {
+            let now = self.clock.now();
+            for rule in &self.config.rules {
+                let Some(first) = next.get(&rule.name).copied() else {
+                    continue;
+                };
+                let Some(due) = due(rule, first, now) else {
+                    continue;
+                };
+                let at = match &due {
+                    Due::Fire { at, .. } | Due::TooLate { at, .. } => *at,
+                };
+                match self.fire(rule, &due, now).await {
+                    Ok(()) => {
+                        if let Some(n) = rule.schedule().and_then(|s| s.next_after(at)) {
+                            next.insert(rule.name.clone(), n);
+                        } else {
+                            next.remove(&rule.name);
+                        }
+                    }
+                    Err(e) => {
+                        error!(rule = %rule.name, error = %e, "could not record a fire; will retry")
+                    }
+                }
+            }
+            let wake = next
+                .values()
+                .min()
+                .copied()
+                .unwrap_or(now + chrono::Duration::minutes(1));
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = self.clock.sleep_until(wake) => {}
+            }
+        }
+        info!("scheduler stopped");
+    }
+
+    async fn fire(
+        &self,
+        rule: &Rule,
+        due: &Due,
+        now: DateTime<Utc>,
+    ) -> Result<(), crate::store::StoreError> {
+        let (at, missed, late) = match due {
+            Due::Fire { at, missed } => (*at, *missed, false),
+            Due::TooLate { at, missed } => (*at, *missed, true),
+        };
+        let mut run = if late {
+            NewRun::from_outcomes(rule, Vec::new(), at, Some(at), &self.config.rules)
+        } else {
+            let agents = rule.target_agents(None).unwrap_or_default();
+            let known = self.store.agent_states(&agents).await?;
+            match rules::evaluate_fire(rule, &known) {
+                Decision::Matched(outcomes) => {
+                    NewRun::from_outcomes(rule, outcomes, at, Some(at), &self.config.rules)
+                }
+                Decision::NotMatched => return Ok(()),
+            }
+        };
+        let mut notes = Vec::new();
+        if late {
+            notes.push(format!(
+                "missed: due at {at}, now {now}, outside the catch-up window of {}",
+                humantime::format_duration(rule.catch_up)
+            ));
+        } else if now - at > chrono::Duration::seconds(60) {
+            notes.push(format!("catch-up: due at {at}, fired at {now}"));
+        }
+        if missed > 0 {
+            notes.push(format!(
+                "{missed} earlier missed fire(s) coalesced into this one"
+            ));
+        }
+        if let Some(d) = run.detail.take() {
+            notes.push(d);
+        }
+        run.detail = (!notes.is_empty()).then(|| notes.join("; "));
+        match self.store.record_fire(&run, now).await? {
+            Some(run_id) => {
+                if late {
+                    warn!(rule = %rule.name, run_id, scheduled_for = %at, "scheduled fire missed and skipped");
+                } else {
+                    info!(rule = %rule.name, run_id, scheduled_for = %at, jobs = run.jobs.len(), "rule fired");
+                }
+                if !run.jobs.is_empty() {
+                    self.queue_notify.notify_waiters();
+                }
+            }
+            None => {
+                info!(rule = %rule.name, scheduled_for = %at, "already fired for this instant; not again")
+            }
+        }
+        Ok(())
+    }
+}

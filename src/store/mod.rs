@@ -1,0 +1,682 @@
+//! All SQL lives here. SQLite in WAL mode with `synchronous=FULL`; one writer connection
+//! (every write goes through it, so writes never contend inside the process) and a
+//! read-only pool. Each function is one short transaction; none is held across a
+//! network call.
+
+mod lock;
+
+pub use lock::DbLock;
+
+use chrono::{DateTime, TimeZone, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{Row, Sqlite, Transaction};
+use std::collections::HashMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("cannot create the database directory {0}: {1}")]
+    Dir(String, std::io::Error),
+    #[error("stored JSON is corrupt: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+pub fn ms(t: DateTime<Utc>) -> i64 {
+    t.timestamp_millis()
+}
+
+pub fn from_ms(v: i64) -> DateTime<Utc> {
+    Utc.timestamp_millis_opt(v).single().unwrap_or_default()
+}
+
+#[derive(Clone)]
+pub struct Store {
+    write: SqlitePool,
+    read: SqlitePool,
+}
+
+/// A rule run to record, with the jobs it causes.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    pub rule: String,
+    pub trigger: &'static str,
+    pub scheduled_for: Option<DateTime<Utc>>,
+    pub happened_at: DateTime<Utc>,
+    pub detail: Option<String>,
+    pub jobs: Vec<NewJob>,
+    /// How many target agents were skipped (decision is `partial` or `skipped`).
+    pub skipped: usize,
+}
+
+impl NewRun {
+    /// Turns a rule's decision into a run to record, with its jobs. Pure.
+    pub fn from_outcomes(
+        rule: &crate::rules::Rule,
+        outcomes: Vec<crate::rules::AgentOutcome>,
+        cause_at: chrono::DateTime<chrono::Utc>,
+        scheduled_for: Option<chrono::DateTime<chrono::Utc>>,
+        all_rules: &[crate::rules::Rule],
+    ) -> NewRun {
+        let mut jobs = Vec::new();
+        let mut skipped = Vec::new();
+        for o in outcomes {
+            match o {
+                crate::rules::AgentOutcome::Patch(p) => jobs.push(NewJob {
+                    agent_id: p.agent_id,
+                    fields: p.set.to_json(),
+                    guard: (!p.guard.is_empty())
+                        .then(|| crate::rules::Condition::list_to_json(&p.guard)),
+                    cause_at,
+                    valid_until: scheduled_for
+                        .and_then(|at| crate::rules::valid_until(all_rules, rule, p.agent_id, at)),
+                }),
+                crate::rules::AgentOutcome::Skip { agent_id, reason } => {
+                    skipped.push(match agent_id {
+                        Some(id) => format!("agent {id}: {reason}"),
+                        None => reason,
+                    })
+                }
+            }
+        }
+        NewRun {
+            rule: rule.name.clone(),
+            trigger: if scheduled_for.is_some() {
+                "schedule"
+            } else {
+                "webhook"
+            },
+            scheduled_for,
+            happened_at: cause_at,
+            detail: (!skipped.is_empty()).then(|| skipped.join("; ")),
+            skipped: skipped.len(),
+            jobs,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    pub agent_id: i64,
+    pub fields: Value,
+    pub guard: Option<Value>,
+    pub cause_at: DateTime<Utc>,
+    pub valid_until: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    pub source: String,
+    pub dedupe_key: String,
+    pub received_at: DateTime<Utc>,
+    pub content_type: String,
+    pub payload: Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    Accepted { delivery_id: i64, jobs: usize },
+    Duplicate,
+}
+
+/// A job the worker holds a lease on.
+#[derive(Debug, Clone)]
+pub struct ClaimedJob {
+    pub id: i64,
+    pub run_id: i64,
+    pub rule: String,
+    pub agent_id: i64,
+    pub fields: Value,
+    pub guard: Option<Value>,
+    pub valid_until: Option<DateTime<Utc>>,
+    /// Counting this one.
+    pub attempt: u32,
+    pub lease_owner: String,
+}
+
+/// How an attempt ended, written in one statement with the job's next state.
+#[derive(Debug, Clone)]
+pub struct Finish {
+    pub status: JobStatus,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub http_status: Option<u16>,
+    pub error: Option<String>,
+    pub request_id: Option<String>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    /// The agent as the platform returned it, stored as its freshest known state.
+    pub new_state: Option<Value>,
+    /// False when nothing was sent (expired, guard failed): no attempt row then.
+    pub attempted: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobStatus {
+    Pending,
+    Leased,
+    Done,
+    Dead,
+    Expired,
+    Skipped,
+}
+
+impl JobStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Pending => "pending",
+            JobStatus::Leased => "leased",
+            JobStatus::Done => "done",
+            JobStatus::Dead => "dead",
+            JobStatus::Expired => "expired",
+            JobStatus::Skipped => "skipped",
+        }
+    }
+}
+
+impl FromStr for JobStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "pending" => JobStatus::Pending,
+            "leased" => JobStatus::Leased,
+            "done" => JobStatus::Done,
+            "dead" => JobStatus::Dead,
+            "expired" => JobStatus::Expired,
+            "skipped" => JobStatus::Skipped,
+            other => return Err(format!("unknown job status {other:?}")),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JobRow {
+    pub id: i64,
+    pub run_id: i64,
+    pub rule: String,
+    pub agent_id: i64,
+    pub fields: Value,
+    pub status: String,
+    pub attempts: i64,
+    pub next_attempt_at: DateTime<Utc>,
+    pub valid_until: Option<DateTime<Utc>>,
+    pub last_status: Option<i64>,
+    pub last_error: Option<String>,
+    pub request_id: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRow {
+    pub id: i64,
+    pub rule: String,
+    pub trigger: String,
+    pub delivery_id: Option<i64>,
+    pub scheduled_for: Option<DateTime<Utc>>,
+    pub happened_at: DateTime<Utc>,
+    pub decision: String,
+    pub detail: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AttemptRow {
+    pub attempt: i64,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub http_status: Option<i64>,
+    pub request_id: Option<String>,
+    pub outcome: String,
+    pub error: Option<String>,
+}
+
+impl Store {
+    /// Opens (creating if needed) the database and applies pending migrations.
+    pub async fn open(path: &Path) -> Result<Store> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Dir(dir.display().to_string(), e))?;
+        }
+        let base = SqliteConnectOptions::new()
+            .filename(path)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true)
+            .synchronous(SqliteSynchronous::Full);
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .connect_with(
+                base.clone()
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal),
+            )
+            .await?;
+        MIGRATOR.run(&write).await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(base.read_only(true))
+            .await?;
+        Ok(Store { write, read })
+    }
+
+    pub async fn close(&self) {
+        self.write.close().await;
+        self.read.close().await;
+    }
+
+    async fn begin(&self) -> Result<Transaction<'static, Sqlite>> {
+        Ok(self.write.begin_with("BEGIN IMMEDIATE").await?)
+    }
+
+    /// Is the database writable right now?
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.write).await?;
+        Ok(())
+    }
+
+    // ---- agents ------------------------------------------------------------------
+
+    pub async fn agent_states(&self, ids: &[i64]) -> Result<HashMap<i64, Value>> {
+        let mut out = HashMap::new();
+        for id in ids {
+            if let Some(state) = self.agent_state(*id).await? {
+                out.insert(*id, state);
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn agent_state(&self, id: i64) -> Result<Option<Value>> {
+        let row = sqlx::query("SELECT state FROM agent_states WHERE agent_id = ?")
+            .bind(id)
+            .fetch_optional(&self.read)
+            .await?;
+        Ok(match row {
+            Some(r) => Some(serde_json::from_str(r.get::<&str, _>(0))?),
+            None => None,
+        })
+    }
+
+    pub async fn save_agent_state(
+        &self,
+        id: i64,
+        state: &Value,
+        origin: &str,
+        now: DateTime<Utc>,
+    ) -> Result<()> {
+        let mut tx = self.begin().await?;
+        upsert_state(&mut tx, id, state, origin, now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    // ---- ingest ------------------------------------------------------------------
+
+    /// Stores a delivery and the runs and jobs it caused, in one transaction. A delivery
+    /// already stored under the same (source, dedupe key) changes nothing.
+    pub async fn record_delivery(
+        &self,
+        d: &NewDelivery,
+        runs: &[NewRun],
+    ) -> Result<DeliveryOutcome> {
+        let mut tx = self.begin().await?;
+        let id: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO deliveries (source, dedupe_key, received_at, content_type, payload)
+             VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (source, dedupe_key) DO NOTHING
+             RETURNING id",
+        )
+        .bind(&d.source)
+        .bind(&d.dedupe_key)
+        .bind(ms(d.received_at))
+        .bind(&d.content_type)
+        .bind(d.payload.to_string())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(delivery_id) = id else {
+            tx.rollback().await?;
+            return Ok(DeliveryOutcome::Duplicate);
+        };
+        let mut jobs = 0;
+        for run in runs {
+            if let Some((_, n)) = insert_run(&mut tx, run, Some(delivery_id), d.received_at).await?
+            {
+                jobs += n;
+            }
+        }
+        tx.commit().await?;
+        Ok(DeliveryOutcome::Accepted { delivery_id, jobs })
+    }
+
+    pub async fn delivery_count(&self, source: &str) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM deliveries WHERE source = ?")
+                .bind(source)
+                .fetch_one(&self.read)
+                .await?,
+        )
+    }
+
+    // ---- schedule ----------------------------------------------------------------
+
+    pub async fn last_fire(&self, rule: &str) -> Result<Option<DateTime<Utc>>> {
+        let v: Option<i64> =
+            sqlx::query_scalar("SELECT last_scheduled_for FROM rule_fires WHERE rule = ?")
+                .bind(rule)
+                .fetch_optional(&self.read)
+                .await?;
+        Ok(v.map(from_ms))
+    }
+
+    /// Records a scheduled fire and its jobs. Returns the run id, or `None` when this
+    /// (rule, instant) already fired: a restart or a second call cannot fire it twice.
+    pub async fn record_fire(&self, run: &NewRun, now: DateTime<Utc>) -> Result<Option<i64>> {
+        let scheduled_for = run.scheduled_for.expect("a fire has an instant");
+        let mut tx = self.begin().await?;
+        let inserted = insert_run(&mut tx, run, None, now).await?;
+        sqlx::query(
+            "INSERT INTO rule_fires (rule, last_scheduled_for) VALUES (?, ?)
+             ON CONFLICT (rule) DO UPDATE SET last_scheduled_for = MAX(last_scheduled_for, excluded.last_scheduled_for)",
+        )
+        .bind(&run.rule)
+        .bind(ms(scheduled_for))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(inserted.map(|(id, _)| id))
+    }
+
+    // ---- queue -------------------------------------------------------------------
+
+    /// Leases the next sendable job. A job is sendable when it is due (or its lease ran
+    /// out: its worker died) and it heads its agent's line: no earlier-caused job of the
+    /// same agent is unfinished. So each agent has at most one job in flight, and its
+    /// jobs go out in cause order.
+    pub async fn claim(
+        &self,
+        owner: &str,
+        now: DateTime<Utc>,
+        lease: Duration,
+    ) -> Result<Option<ClaimedJob>> {
+        let now_ms = ms(now);
+        let lease_until = now_ms + lease.as_millis() as i64;
+        let row = sqlx::query(
+            "UPDATE jobs SET status = 'leased', lease_owner = ?1, lease_until = ?2,
+                    attempts = attempts + 1, updated_at = ?3
+             WHERE id = (
+                SELECT j.id FROM jobs j
+                WHERE ((j.status = 'pending' AND j.next_attempt_at <= ?3)
+                       OR (j.status = 'leased' AND j.lease_until <= ?3))
+                  AND NOT EXISTS (
+                      SELECT 1 FROM jobs k
+                      WHERE k.agent_id = j.agent_id AND k.status IN ('pending', 'leased')
+                        AND (k.cause_at < j.cause_at OR (k.cause_at = j.cause_at AND k.id < j.id)))
+                  AND NOT EXISTS (
+                      SELECT 1 FROM jobs l
+                      WHERE l.agent_id = j.agent_id AND l.id != j.id
+                        AND l.status = 'leased' AND l.lease_until > ?3)
+                ORDER BY j.next_attempt_at, j.id
+                LIMIT 1)
+             RETURNING id, run_id, agent_id, fields, guard, valid_until, attempts,
+                       (SELECT rule FROM rule_runs r WHERE r.id = run_id) AS rule",
+        )
+        .bind(owner)
+        .bind(lease_until)
+        .bind(now_ms)
+        .fetch_optional(&self.write)
+        .await?;
+        let Some(r) = row else { return Ok(None) };
+        let guard: Option<String> = r.get("guard");
+        Ok(Some(ClaimedJob {
+            id: r.get("id"),
+            run_id: r.get("run_id"),
+            rule: r.get("rule"),
+            agent_id: r.get("agent_id"),
+            fields: serde_json::from_str(r.get::<&str, _>("fields"))?,
+            guard: guard.map(|g| serde_json::from_str(&g)).transpose()?,
+            valid_until: r.get::<Option<i64>, _>("valid_until").map(from_ms),
+            attempt: r.get::<i64, _>("attempts") as u32,
+            lease_owner: owner.to_string(),
+        }))
+    }
+
+    /// Ends an attempt: the job's next state, its attempt row and (on success) the agent's
+    /// new state, in one transaction. Returns false if the lease was lost meanwhile (the
+    /// job was rescued by another worker after its lease ran out): then nothing changes.
+    pub async fn finish(&self, job: &ClaimedJob, f: &Finish) -> Result<bool> {
+        let mut tx = self.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE jobs SET status = ?, next_attempt_at = COALESCE(?, next_attempt_at),
+                    last_status = COALESCE(?, last_status), last_error = ?,
+                    request_id = COALESCE(?, request_id),
+                    lease_owner = NULL, lease_until = NULL, updated_at = ?
+             WHERE id = ? AND lease_owner = ? AND status = 'leased'",
+        )
+        .bind(f.status.as_str())
+        .bind(f.next_attempt_at.map(ms))
+        .bind(f.http_status.map(i64::from))
+        .bind(&f.error)
+        .bind(&f.request_id)
+        .bind(ms(f.finished_at))
+        .bind(job.id)
+        .bind(&job.lease_owner)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            tx.rollback().await?;
+            return Ok(false);
+        }
+        if f.attempted {
+            sqlx::query(
+                "INSERT INTO job_attempts (job_id, attempt, started_at, finished_at, http_status, request_id, outcome, error)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(job.id)
+            .bind(i64::from(job.attempt))
+            .bind(ms(f.started_at))
+            .bind(ms(f.finished_at))
+            .bind(f.http_status.map(i64::from))
+            .bind(&f.request_id)
+            .bind(f.status.as_str())
+            .bind(&f.error)
+            .execute(&mut *tx)
+            .await?;
+        } else {
+            // Nothing was sent: the claim's attempt count is given back.
+            sqlx::query("UPDATE jobs SET attempts = attempts - 1 WHERE id = ?")
+                .bind(job.id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if let Some(state) = &f.new_state {
+            upsert_state(&mut tx, job.agent_id, state, "patch", f.finished_at).await?;
+        }
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Gives a lease back without counting an attempt (shutdown before sending).
+    pub async fn release(&self, job: &ClaimedJob) -> Result<()> {
+        sqlx::query(
+            "UPDATE jobs SET status = 'pending', attempts = attempts - 1, lease_owner = NULL, lease_until = NULL
+             WHERE id = ? AND lease_owner = ? AND status = 'leased'",
+        )
+        .bind(job.id)
+        .bind(&job.lease_owner)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
+    /// When the queue next has something to do: the earliest due time or lease expiry.
+    pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>> {
+        let v: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(CASE status WHEN 'pending' THEN next_attempt_at ELSE lease_until END)
+             FROM jobs WHERE status IN ('pending', 'leased')",
+        )
+        .fetch_one(&self.read)
+        .await?;
+        Ok(v.map(from_ms))
+    }
+
+    // ---- inspection ----------------------------------------------------------------
+
+    pub async fn jobs(&self, status: Option<&str>, agent: Option<i64>) -> Result<Vec<JobRow>> {
+        let rows = sqlx::query(
+            "SELECT j.*, r.rule FROM jobs j JOIN rule_runs r ON r.id = j.run_id
+             WHERE (?1 IS NULL OR j.status = ?1) AND (?2 IS NULL OR j.agent_id = ?2)
+             ORDER BY j.id",
+        )
+        .bind(status)
+        .bind(agent)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(JobRow {
+                    id: r.get("id"),
+                    run_id: r.get("run_id"),
+                    rule: r.get("rule"),
+                    agent_id: r.get("agent_id"),
+                    fields: serde_json::from_str(r.get::<&str, _>("fields"))?,
+                    status: r.get("status"),
+                    attempts: r.get("attempts"),
+                    next_attempt_at: from_ms(r.get("next_attempt_at")),
+                    valid_until: r.get::<Option<i64>, _>("valid_until").map(from_ms),
+                    last_status: r.get("last_status"),
+                    last_error: r.get("last_error"),
+                    request_id: r.get("request_id"),
+                    created_at: from_ms(r.get("created_at")),
+                    updated_at: from_ms(r.get("updated_at")),
+                })
+            })
+            .collect()
+    }
+
+    pub async fn runs(&self, rule: Option<&str>) -> Result<Vec<RunRow>> {
+        let rows =
+            sqlx::query("SELECT * FROM rule_runs WHERE (?1 IS NULL OR rule = ?1) ORDER BY id")
+                .bind(rule)
+                .fetch_all(&self.read)
+                .await?;
+        Ok(rows
+            .iter()
+            .map(|r| RunRow {
+                id: r.get("id"),
+                rule: r.get("rule"),
+                trigger: r.get("trigger"),
+                delivery_id: r.get("delivery_id"),
+                scheduled_for: r.get::<Option<i64>, _>("scheduled_for").map(from_ms),
+                happened_at: from_ms(r.get("happened_at")),
+                decision: r.get("decision"),
+                detail: r.get("detail"),
+            })
+            .collect())
+    }
+
+    pub async fn attempts(&self, job_id: i64) -> Result<Vec<AttemptRow>> {
+        let rows = sqlx::query("SELECT * FROM job_attempts WHERE job_id = ? ORDER BY attempt, id")
+            .bind(job_id)
+            .fetch_all(&self.read)
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| AttemptRow {
+                attempt: r.get("attempt"),
+                started_at: from_ms(r.get("started_at")),
+                finished_at: from_ms(r.get("finished_at")),
+                http_status: r.get("http_status"),
+                request_id: r.get("request_id"),
+                outcome: r.get("outcome"),
+                error: r.get("error"),
+            })
+            .collect())
+    }
+}
+
+async fn upsert_state(
+    tx: &mut Transaction<'static, Sqlite>,
+    id: i64,
+    state: &Value,
+    origin: &str,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO agent_states (agent_id, state, observed_at, origin) VALUES (?, ?, ?, ?)
+         ON CONFLICT (agent_id) DO UPDATE SET state = excluded.state,
+             observed_at = excluded.observed_at, origin = excluded.origin",
+    )
+    .bind(id)
+    .bind(state.to_string())
+    .bind(ms(now))
+    .bind(origin)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Inserts a run and its jobs. `None` when the run's cause already fired this rule.
+async fn insert_run(
+    tx: &mut Transaction<'static, Sqlite>,
+    run: &NewRun,
+    delivery_id: Option<i64>,
+    now: DateTime<Utc>,
+) -> Result<Option<(i64, usize)>> {
+    let decision = match (run.jobs.len(), run.skipped) {
+        (0, _) => "skipped",
+        (_, 0) => "enqueued",
+        _ => "partial",
+    };
+    let run_id: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO rule_runs (rule, trigger, delivery_id, scheduled_for, happened_at, decision, detail, created_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT DO NOTHING
+         RETURNING id",
+    )
+    .bind(&run.rule)
+    .bind(run.trigger)
+    .bind(delivery_id)
+    .bind(run.scheduled_for.map(ms))
+    .bind(ms(run.happened_at))
+    .bind(decision)
+    .bind(&run.detail)
+    .bind(ms(now))
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(run_id) = run_id else {
+        return Ok(None);
+    };
+    for job in &run.jobs {
+        sqlx::query(
+            "INSERT INTO jobs (run_id, agent_id, fields, guard, cause_at, valid_until, status,
+                               next_attempt_at, created_at, updated_at)
+             VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
+        )
+        .bind(run_id)
+        .bind(job.agent_id)
+        .bind(job.fields.to_string())
+        .bind(job.guard.as_ref().map(Value::to_string))
+        .bind(ms(job.cause_at))
+        .bind(job.valid_until.map(ms))
+        .bind(ms(now))
+        .bind(ms(now))
+        .bind(ms(now))
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(Some((run_id, run.jobs.len())))
+}
