@@ -1268,3 +1268,684 @@ fn quote(text: &str) -> String {
         format!("`{shown}`")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::multipart::{Form, Part};
+
+    const DOCUMENTED_FIELDS: [&str; 23] = [
+        "id",
+        "primary_phone_number",
+        "prompt",
+        "greetings",
+        "voiceagent_type_id",
+        "voice_id",
+        "voiceagent_name",
+        "type",
+        "voice",
+        "created_on",
+        "updated_on",
+        "status",
+        "direction",
+        "more_information",
+        "urls",
+        "inherited_prompt_id",
+        "config",
+        "max_call_duration",
+        "notification_time",
+        "notification_message",
+        "org_unit_id",
+        "knowledgebase_files",
+        "knowledgebase_urls",
+    ];
+
+    struct Running {
+        sim: Simulator,
+        base: String,
+        http: reqwest::Client,
+        cancel: CancellationToken,
+        server: tokio::task::JoinHandle<std::io::Result<()>>,
+    }
+
+    impl Running {
+        fn url(&self, path: &str) -> String {
+            format!("{}{path}", self.base)
+        }
+
+        async fn patch(&self, id: &str, form: Form) -> reqwest::Response {
+            self.http
+                .patch(self.url(&format!("/v3/ai-voice-agents/{id}")))
+                .bearer_auth(DEFAULT_TOKEN)
+                .multipart(form)
+                .send()
+                .await
+                .expect("PATCH sent")
+        }
+
+        async fn put(&self, id: &str, form: Form) -> reqwest::Response {
+            self.http
+                .put(self.url(&format!("/v3/ai-voice-agents/{id}")))
+                .bearer_auth(DEFAULT_TOKEN)
+                .multipart(form)
+                .send()
+                .await
+                .expect("PUT sent")
+        }
+
+        async fn get(&self, path: &str) -> reqwest::Response {
+            self.http
+                .get(self.url(path))
+                .bearer_auth(DEFAULT_TOKEN)
+                .send()
+                .await
+                .expect("GET sent")
+        }
+
+        async fn faults(&self, body: Value) -> reqwest::Response {
+            self.http
+                .post(self.url("/_sim/faults"))
+                .json(&body)
+                .send()
+                .await
+                .expect("fault posted")
+        }
+    }
+
+    async fn start_with(opts: SimOptions) -> Running {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let sim = Simulator::new(opts);
+        let cancel = CancellationToken::new();
+        let server = tokio::spawn(sim.clone().serve(listener, cancel.clone()));
+        Running {
+            sim,
+            base: format!("http://{addr}"),
+            http: reqwest::Client::new(),
+            cancel,
+            server,
+        }
+    }
+
+    async fn start() -> Running {
+        start_with(SimOptions::default()).await
+    }
+
+    /// Status, `x-request-id` header and JSON body; checks the envelope's common fields.
+    async fn read(response: reqwest::Response) -> (u16, Value) {
+        let status = response.status().as_u16();
+        let header_id = response
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body: Value = response.json().await.expect("JSON body");
+        assert_eq!(body["code"], json!(status), "{body}");
+        let id = body["request_id"].as_str().expect("request_id");
+        assert!(Uuid::parse_str(id).is_ok(), "{id}");
+        assert_eq!(header_id.as_deref(), Some(id));
+        let ts = body["timestamp"].as_str().expect("timestamp");
+        assert!(DateTime::parse_from_rfc3339(ts).is_ok(), "{ts}");
+        (status, body)
+    }
+
+    fn message(body: &Value) -> &str {
+        body["message"].as_str().unwrap_or_default()
+    }
+
+    #[tokio::test]
+    async fn bearer_token_is_required() {
+        let s = start().await;
+        let url = s.url("/v3/ai-voice-agents/101");
+
+        let (status, body) = read(s.http.get(&url).send().await.unwrap()).await;
+        assert_eq!(status, 401);
+        assert!(message(&body).contains("Authorization"), "{body}");
+
+        let wrong = s.http.get(&url).bearer_auth("nope").send().await.unwrap();
+        let (status, _) = read(wrong).await;
+        assert_eq!(status, 401);
+
+        // A rejected PATCH changes nothing.
+        let form = Form::new().text("voiceagent_name", "Hijacked");
+        let resp = s
+            .http
+            .patch(&url)
+            .bearer_auth("nope")
+            .multipart(form)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401);
+        assert_eq!(
+            s.sim.agent(101).unwrap()["voiceagent_name"],
+            "Sales Assistant — Inbound Leads"
+        );
+
+        // A custom token replaces the default one.
+        let custom = start_with(SimOptions {
+            token: "other".into(),
+            agents: None,
+        })
+        .await;
+        let url = custom.url("/v3/ai-voice-agents/101");
+        let resp = custom
+            .http
+            .get(&url)
+            .bearer_auth(DEFAULT_TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 401);
+        let resp = custom
+            .http
+            .get(&url)
+            .bearer_auth("other")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+
+    #[tokio::test]
+    async fn list_and_details() {
+        let s = start().await;
+        let (status, body) = read(s.get("/v3/ai-voice-agents").await).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["message"], "Success");
+        assert_eq!(body["total"], 3);
+        let ids: Vec<i64> = body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["id"].as_i64().unwrap())
+            .collect();
+        assert_eq!(ids, [101, 102, 103]);
+        let names: std::collections::BTreeSet<&str> = body["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["voiceagent_name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names.len(), 3, "seeded names are distinct");
+
+        let (status, body) = read(s.get("/v3/ai-voice-agents?limit=1&offset=1").await).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["total"], 3);
+        assert_eq!(body["data"].as_array().unwrap().len(), 1);
+        assert_eq!(body["data"][0]["id"], 102);
+
+        let (status, body) = read(s.get("/v3/ai-voice-agents?limit=-1").await).await;
+        assert_eq!(status, 400);
+        assert!(message(&body).contains("limit"), "{body}");
+
+        let (status, body) = read(s.get("/v3/ai-voice-agents/102").await).await;
+        assert_eq!(status, 200);
+        for field in DOCUMENTED_FIELDS {
+            assert!(body["data"].get(field).is_some(), "missing {field}");
+        }
+        assert_eq!(body["data"]["id"], 102);
+        assert_eq!(body["data"]["status"], "active");
+        assert!(body["data"]["config"].is_object());
+
+        let (status, _) = read(s.get("/v3/ai-voice-agents/abc").await).await;
+        assert_eq!(status, 400);
+        let (status, body) = read(s.get("/v3/ai-voice-agents/999").await).await;
+        assert_eq!(status, 404);
+        assert!(message(&body).contains("999"), "{body}");
+        let (status, _) = read(s.get("/v3/no-such-thing").await).await;
+        assert_eq!(status, 404);
+
+        // The raw agent for tests, no auth.
+        let raw: Value = s
+            .http
+            .get(s.url("/_sim/agents/103"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(raw, s.sim.agent(103).unwrap());
+        let resp = s.http.get(s.url("/_sim/agents/7")).send().await.unwrap();
+        assert_eq!(resp.status(), 404);
+    }
+
+    #[tokio::test]
+    async fn patch_changes_only_sent_fields() {
+        let s = start().await;
+        let before = s.sim.agent(101).unwrap();
+        let other_before = s.sim.agent(102).unwrap();
+        let form = Form::new()
+            .text("voiceagent_name", "Sales Assistant - Night Shift")
+            .text("config", r#"{"background_noise": true, "volume": 0.7}"#)
+            .text("max_call_duration", "180");
+        let (status, body) = read(s.patch("101", form).await).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["message"], "Success");
+        let data = &body["data"];
+        for field in DOCUMENTED_FIELDS {
+            assert!(data.get(field).is_some(), "missing {field}");
+        }
+        assert_eq!(data["voiceagent_name"], "Sales Assistant - Night Shift");
+        assert_eq!(data["max_call_duration"], 180);
+        // `config` is replaced whole, not merged.
+        assert_eq!(
+            data["config"],
+            json!({"background_noise": true, "volume": 0.7})
+        );
+        for unchanged in DOCUMENTED_FIELDS.iter().filter(|f| {
+            ![
+                "voiceagent_name",
+                "config",
+                "max_call_duration",
+                "updated_on",
+            ]
+            .contains(f)
+        }) {
+            assert_eq!(data[unchanged], before[unchanged], "{unchanged} changed");
+        }
+        let updated_on = data["updated_on"].as_str().unwrap();
+        assert_ne!(updated_on, before["updated_on"].as_str().unwrap());
+        assert!(
+            updated_on.ends_with('Z') && updated_on.len() == 24,
+            "{updated_on}"
+        );
+        assert_eq!(s.sim.agent(101).unwrap(), *data);
+        assert_eq!(s.sim.agent(102).unwrap(), other_before);
+
+        let recorded = s.sim.requests();
+        let last = recorded.last().unwrap();
+        assert_eq!(last.method, "PATCH");
+        assert_eq!(last.path, "/v3/ai-voice-agents/101");
+        assert_eq!(last.status, 200);
+        assert_eq!(last.fields["max_call_duration"], "180");
+        assert_eq!(last.request_id.as_deref(), body["request_id"].as_str());
+    }
+
+    #[tokio::test]
+    async fn patch_numbers_status_and_lists_then_put_replaces() {
+        let s = start().await;
+        let form = Form::new()
+            .text("voice_id", "7")
+            .text("notification_time", "15")
+            .text("status", "inactive")
+            .text("urls", "https://a.example/1")
+            .text("urls", "https://a.example/2")
+            .text("knowledge_base", "")
+            .text("knowledge_base", "https://kb.example/new")
+            .text("files", "")
+            .part(
+                "files",
+                Part::bytes(b"hello".to_vec()).file_name("night.pdf"),
+            );
+        let (status, body) = read(s.patch("101", form).await).await;
+        assert_eq!(status, 200, "{body}");
+        let data = &body["data"];
+        assert_eq!(data["voice_id"], 7);
+        assert_eq!(data["notification_time"], 15);
+        assert_eq!(data["status"], "inactive");
+        assert_eq!(
+            data["urls"],
+            json!(["https://a.example/1", "https://a.example/2"])
+        );
+        assert_eq!(
+            data["knowledgebase_urls"],
+            json!([
+                "https://docs.example.com/guide",
+                "https://www.example.com/faq",
+                "https://kb.example/new"
+            ])
+        );
+        assert_eq!(
+            data["knowledgebase_files"],
+            json!(["product-catalog.pdf", "sales-playbook.docx", "night.pdf"])
+        );
+        let last = s.sim.requests().pop().unwrap();
+        assert_eq!(
+            last.fields["urls"],
+            json!(["https://a.example/1", "https://a.example/2"])
+        );
+        assert_eq!(last.fields["files"], json!(["", {"filename": "night.pdf"}]));
+
+        // PATCH appends again: the same file twice.
+        let form = Form::new().part("files", Part::bytes(b"x".to_vec()).file_name("night.pdf"));
+        let (_, body) = read(s.patch("101", form).await).await;
+        assert_eq!(
+            body["data"]["knowledgebase_files"]
+                .as_array()
+                .unwrap()
+                .len(),
+            4
+        );
+
+        // PUT replaces files and knowledge-base URLs.
+        let form = Form::new()
+            .part("files", Part::bytes(b"x".to_vec()).file_name("only.pdf"))
+            .text("knowledge_base", "https://kb.example/only");
+        let (status, body) = read(s.put("101", form).await).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["data"]["knowledgebase_files"], json!(["only.pdf"]));
+        assert_eq!(
+            body["data"]["knowledgebase_urls"],
+            json!(["https://kb.example/only"])
+        );
+        assert_eq!(body["data"]["voice_id"], 7, "fields not sent are kept");
+    }
+
+    #[tokio::test]
+    async fn patch_rejects_bad_input_without_changing_anything() {
+        let s = start().await;
+        let before = s.sim.agent(101).unwrap();
+        let cases: Vec<(Form, &str)> = vec![
+            (Form::new().text("config", "[1, 2]"), "JSON object"),
+            (Form::new().text("config", "{not json"), "not valid JSON"),
+            (Form::new().text("greeting", "Hi"), "greetings"),
+            (
+                Form::new().text("prompt", "p").text("colour", "red"),
+                "colour",
+            ),
+            (Form::new().text("voice_id", "-1"), "voice_id"),
+            (Form::new().text("voice_id", "1.5"), "voice_id"),
+            (
+                Form::new().text("max_call_duration", "99999999999999999999999"),
+                "out of range",
+            ),
+            (Form::new().text("status", "paused"), "status"),
+            (
+                Form::new().text("prompt", "a").text("prompt", "b"),
+                "2 times",
+            ),
+            (Form::new().text("files", "notes.txt"), "file upload"),
+            (
+                Form::new().part("prompt", Part::bytes(b"x".to_vec()).file_name("p.txt")),
+                "text field",
+            ),
+            (
+                Form::new()
+                    .text("voiceagent_name", "ok")
+                    .part("prompt", Part::bytes(vec![0xff, 0xfe, 0x80])),
+                "UTF-8",
+            ),
+        ];
+        for (form, expected) in cases {
+            let (status, body) = read(s.patch("101", form).await).await;
+            assert_eq!(status, 400, "{body}");
+            assert!(message(&body).contains(expected), "{expected}: {body}");
+        }
+        assert_eq!(s.sim.agent(101).unwrap(), before);
+
+        // Not multipart.
+        let resp = s
+            .http
+            .patch(s.url("/v3/ai-voice-agents/101"))
+            .bearer_auth(DEFAULT_TOKEN)
+            .json(&json!({"voiceagent_name": "x"}))
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = read(resp).await;
+        assert_eq!(status, 400);
+        assert!(message(&body).contains("multipart/form-data"), "{body}");
+
+        // Garbage claiming to be multipart.
+        let resp = s
+            .http
+            .patch(s.url("/v3/ai-voice-agents/101"))
+            .bearer_auth(DEFAULT_TOKEN)
+            .header("content-type", "multipart/form-data; boundary=XYZ")
+            .body(vec![0u8, 159, 146, 150, b'-', b'-'])
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = read(resp).await;
+        assert_eq!(status, 400);
+        assert!(message(&body).contains("multipart"), "{body}");
+
+        let (status, _) = read(s.patch("abc", Form::new().text("prompt", "p")).await).await;
+        assert_eq!(status, 400);
+        let (status, _) = read(s.patch("", Form::new().text("prompt", "p")).await).await;
+        assert_eq!(status, 400);
+        let (status, _) = read(
+            s.patch("99999999999999999999", Form::new().text("prompt", "p"))
+                .await,
+        )
+        .await;
+        assert_eq!(status, 400);
+        let (status, _) = read(s.patch("999", Form::new().text("prompt", "p")).await).await;
+        assert_eq!(status, 404);
+        assert_eq!(s.sim.agent(101).unwrap(), before);
+    }
+
+    #[tokio::test]
+    async fn status_faults_answer_without_applying() {
+        let s = start().await;
+        let resp = s.faults(json!({"status": 500, "count": 2})).await;
+        assert_eq!(resp.status(), 200);
+
+        let name = |n: &str| Form::new().text("voiceagent_name", n.to_owned());
+        let (status, _) = read(s.patch("101", name("one")).await).await;
+        assert_eq!(status, 500);
+        assert_ne!(s.sim.agent(101).unwrap()["voiceagent_name"], "one");
+        let (status, _) = read(s.patch("101", name("two")).await).await;
+        assert_eq!(status, 500);
+        let (status, body) = read(s.patch("101", name("three")).await).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["data"]["voiceagent_name"], "three");
+
+        // 429 with Retry-After, restricted to one agent's path.
+        let resp = s
+            .faults(json!([{"status": 429, "retry_after": 2, "path_contains": "/102"}]))
+            .await;
+        assert_eq!(resp.status(), 200);
+        let (status, _) = read(s.get("/v3/ai-voice-agents/101").await).await;
+        assert_eq!(status, 200, "fault for /102 must not hit /101");
+        let resp = s.get("/v3/ai-voice-agents/102").await;
+        assert_eq!(resp.headers()["retry-after"], "2");
+        let (status, _) = read(resp).await;
+        assert_eq!(status, 429);
+        let (status, _) = read(s.get("/v3/ai-voice-agents/102").await).await;
+        assert_eq!(status, 200);
+
+        let faults: Vec<Option<String>> = s.sim.requests().into_iter().map(|r| r.fault).collect();
+        assert_eq!(faults.iter().flatten().count(), 3);
+        assert_eq!(faults[0].as_deref(), Some("status 500"));
+        assert_eq!(faults[4].as_deref(), Some("status 429 retry-after 2"));
+
+        // Bad fault bodies are refused; DELETE clears the queue.
+        for bad in [
+            json!({"status": 500, "colour": "red"}),
+            json!({"count": 2}),
+            json!({"status": 200}),
+            json!({"status": 500, "count": 0}),
+            json!("500"),
+        ] {
+            let resp = s.faults(bad.clone()).await;
+            assert_eq!(resp.status(), 400, "{bad}");
+        }
+        let resp = s
+            .http
+            .post(s.url("/_sim/faults"))
+            .header("content-type", "application/json")
+            .body("{oops")
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = read(resp).await;
+        assert_eq!(status, 400);
+        assert!(message(&body).contains("JSON"), "{body}");
+
+        s.faults(json!({"status": 503, "count": 5})).await;
+        let cleared: Value = s
+            .http
+            .delete(s.url("/_sim/faults"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(cleared["cleared"], 1);
+        let (status, _) = read(s.get("/v3/ai-voice-agents/101").await).await;
+        assert_eq!(status, 200);
+    }
+
+    #[tokio::test]
+    async fn delayed_request_is_applied_after_the_client_gives_up() {
+        let s = start().await;
+        let mut events = s.sim.subscribe();
+        s.faults(json!({"delay_ms": 200, "count": 1})).await;
+        let impatient = reqwest::Client::builder()
+            .timeout(Duration::from_millis(50))
+            .build()
+            .unwrap();
+        let result = impatient
+            .patch(s.url("/v3/ai-voice-agents/103"))
+            .bearer_auth(DEFAULT_TOKEN)
+            .multipart(Form::new().text("greetings", "Late but applied"))
+            .send()
+            .await;
+        assert!(result.unwrap_err().is_timeout());
+
+        let rec = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("request recorded in time")
+            .expect("event");
+        assert_eq!(rec.status, 200);
+        assert_eq!(rec.fault.as_deref(), Some("delay 200ms"));
+        assert_eq!(rec.fields["greetings"], "Late but applied");
+        assert_eq!(s.sim.agent(103).unwrap()["greetings"], "Late but applied");
+    }
+
+    #[tokio::test]
+    async fn request_log_lists_everything_in_order() {
+        let s = start().await;
+        s.http
+            .get(s.url("/v3/ai-voice-agents"))
+            .send()
+            .await
+            .unwrap();
+        s.get("/v3/ai-voice-agents/101").await;
+        s.patch("101", Form::new().text("prompt", "p")).await;
+        s.patch("101", Form::new().text("bogus", "p")).await;
+        s.get("/v3/ai-voice-agents/555").await;
+        // Control endpoints are not recorded.
+        s.http.get(s.url("/_sim/agents/101")).send().await.unwrap();
+
+        let log: Vec<RecordedRequest> = s
+            .http
+            .get(s.url("/_sim/requests"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let summary: Vec<(u64, &str, &str, u16)> = log
+            .iter()
+            .map(|r| (r.seq, r.method.as_str(), r.path.as_str(), r.status))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (1, "GET", "/v3/ai-voice-agents", 401),
+                (2, "GET", "/v3/ai-voice-agents/101", 200),
+                (3, "PATCH", "/v3/ai-voice-agents/101", 200),
+                (4, "PATCH", "/v3/ai-voice-agents/101", 400),
+                (5, "GET", "/v3/ai-voice-agents/555", 404),
+            ]
+        );
+        assert!(log[0].fields.is_empty());
+        assert_eq!(log[3].fields["bogus"], "p");
+        assert!(log
+            .iter()
+            .all(|r| r.request_id.is_some() && r.fault.is_none()));
+        assert_eq!(s.sim.requests().len(), 5);
+    }
+
+    #[tokio::test]
+    async fn serve_stops_on_cancel() {
+        let s = start().await;
+        s.cancel.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(5), s.server)
+            .await
+            .expect("server stopped in time")
+            .expect("join");
+        assert!(result.is_ok());
+    }
+
+    #[tokio::test]
+    async fn custom_agents_are_filled_from_the_template() {
+        let s = start_with(SimOptions {
+            token: DEFAULT_TOKEN.into(),
+            agents: Some(vec![json!({"id": 7, "voiceagent_name": "Seven"})]),
+        })
+        .await;
+        let (status, body) = read(s.get("/v3/ai-voice-agents").await).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["total"], 1);
+        let agent = &body["data"][0];
+        assert_eq!(agent["voiceagent_name"], "Seven");
+        for field in DOCUMENTED_FIELDS {
+            assert!(agent.get(field).is_some(), "missing {field}");
+        }
+    }
+
+    #[test]
+    fn load_agents_file_fills_and_reports_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+
+        let good = write("good.json", r#"[{"id": 5, "prompt": "Hi"}, {"id": 101}]"#);
+        let agents = Simulator::load_agents_file(&good).unwrap();
+        assert_eq!(agents.len(), 2);
+        assert_eq!(agents[0]["prompt"], "Hi");
+        assert_eq!(agents[0]["id"], 5);
+        for field in DOCUMENTED_FIELDS {
+            assert!(agents[0].get(field).is_some(), "missing {field}");
+        }
+        assert_eq!(agents[1], seed_agent(101));
+
+        let cases = [
+            ("missing.json", None, "cannot read agents file"),
+            ("bad.json", Some("[{\"id\": 1,"), "not valid JSON"),
+            ("object.json", Some(r#"{"id": 1}"#), "expected a JSON array"),
+            (
+                "noid.json",
+                Some(r#"[{"prompt": "x"}]"#),
+                "agent #0: missing integer \"id\"",
+            ),
+            (
+                "strid.json",
+                Some(r#"[{"id": "101"}]"#),
+                "\"id\" must be an integer",
+            ),
+            (
+                "dup.json",
+                Some(r#"[{"id": 1}, {"id": 1}]"#),
+                "agent #1: duplicate id 1",
+            ),
+            (
+                "cfg.json",
+                Some(r#"[{"id": 1, "config": "{}"}]"#),
+                "\"config\" must be a JSON object",
+            ),
+            ("num.json", Some("[3]"), "expected a JSON object"),
+        ];
+        for (name, text, expected) in cases {
+            let path = match text {
+                Some(text) => write(name, text),
+                None => dir.path().join(name),
+            };
+            let err = format!("{:#}", Simulator::load_agents_file(&path).unwrap_err());
+            assert!(err.contains(name), "{err}");
+            assert!(err.contains(expected), "{expected}: {err}");
+        }
+    }
+}

@@ -1,0 +1,9 @@
+//! Integration tests: the real app on port 0 with a fresh SQLite file, the simulator
+//! in-process on its own port, and HTTP between them.
+
+mod helpers;
+
+mod cli;
+mod queue;
+mod schedule;
+mod webhooks;
