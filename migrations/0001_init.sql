@@ -74,7 +74,8 @@ CREATE TABLE job_attempts (
 );
 CREATE INDEX job_attempts_job ON job_attempts (job_id);
 
--- The last scheduled instant each rule fired at: the scheduler resumes from it.
+-- The last scheduled instant each rule fired at (or, for a rule that never fired, the
+-- instant the scheduler first saw it): the scheduler resumes from it.
 CREATE TABLE rule_fires (
     rule               TEXT PRIMARY KEY,
     last_scheduled_for INTEGER NOT NULL

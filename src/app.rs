@@ -69,7 +69,11 @@ impl App {
             clock: clock.clone(),
             queue_notify: queue_notify.clone(),
         };
-        tasks.push(tokio::spawn(scheduler.run(cancel.clone())));
+        let first_fires = scheduler
+            .first_fires()
+            .await
+            .context("reading the rules' last fires")?;
+        tasks.push(tokio::spawn(scheduler.run(first_fires, cancel.clone())));
 
         let queue = Queue {
             store: store.clone(),

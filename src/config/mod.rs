@@ -654,11 +654,11 @@ fn rule(errs: &mut ConfigErrors, r: &Spanned<RawRule>, sources: &HashSet<String>
                 );
             }
             match (cron, zone) {
-                (Ok(cron), Ok(zone)) => Some(Trigger::Schedule(Schedule {
+                (Ok(cron), Ok(zone)) => Some(Trigger::Schedule(Box::new(Schedule {
                     expr: s.cron.get_ref().clone(),
                     cron,
                     zone,
-                })),
+                }))),
                 _ => None,
             }
         }

@@ -111,10 +111,18 @@ fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
     }
 }
 
-/// A form body as a JSON object of strings; a repeated field becomes a list.
+/// A form body as a JSON object of strings; a repeated field becomes a list. A raw line
+/// break cannot be part of a url-encoded value (it would be `%0A`), so trailing CR/LF
+/// after the last field is dropped rather than glued onto its value.
 fn form_to_json(body: &[u8]) -> Value {
     let mut map = Map::new();
-    for (k, v) in form_urlencoded::parse(body) {
+    let end = body.len()
+        - body
+            .iter()
+            .rev()
+            .take_while(|b| matches!(b, b'\r' | b'\n'))
+            .count();
+    for (k, v) in form_urlencoded::parse(&body[..end]) {
         let v = Value::String(v.into_owned());
         match map.get_mut(k.as_ref()) {
             Some(Value::Array(items)) => items.push(v),

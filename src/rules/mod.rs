@@ -30,7 +30,7 @@ pub struct Rule {
 
 #[derive(Debug, Clone)]
 pub enum Trigger {
-    Schedule(Schedule),
+    Schedule(Box<Schedule>),
     Webhook {
         source: String,
         conditions: Vec<Condition>,
@@ -349,11 +349,11 @@ mod tests {
     fn valid_until_is_next_change_of_same_fields() {
         let night = Rule {
             name: "night".into(),
-            trigger: Trigger::Schedule(Schedule {
+            trigger: Trigger::Schedule(Box::new(Schedule {
                 expr: "0 18 * * *".into(),
                 cron: "0 18 * * *".parse().unwrap(),
                 zone: chrono_tz::America::New_York,
-            }),
+            })),
             target: Target::Agents(vec![101]),
             when: vec![],
             set: PatchSet::from_json(&json!({"greetings": "night"})).unwrap(),
@@ -361,11 +361,11 @@ mod tests {
         };
         let mut day = night.clone();
         day.name = "day".into();
-        day.trigger = Trigger::Schedule(Schedule {
+        day.trigger = Trigger::Schedule(Box::new(Schedule {
             expr: "0 8 * * *".into(),
             cron: "0 8 * * *".parse().unwrap(),
             zone: chrono_tz::America::New_York,
-        });
+        }));
         day.set = PatchSet::from_json(&json!({"greetings": "day"})).unwrap();
         let rules = vec![night.clone(), day];
         // 18:00 EST on 2026-12-01 is 23:00 UTC; the next 08:00 EST is 13:00 UTC next day.

@@ -61,18 +61,23 @@ pub fn due(rule: &Rule, first: DateTime<Utc>, now: DateTime<Utc>) -> Option<Due>
 pub const ON_TIME: std::time::Duration = std::time::Duration::from_secs(10);
 
 impl Scheduler {
-    pub async fn run(self, cancel: CancellationToken) {
-        let mut next: HashMap<String, DateTime<Utc>> = HashMap::new();
+    /// Each scheduled rule's first unfired instant: after its last recorded fire, or
+    /// after `now` for a rule that never fired. Called before the daemon answers anything.
+    pub async fn first_fires(
+        &self,
+    ) -> Result<HashMap<String, DateTime<Utc>>, crate::store::StoreError> {
         let now = self.clock.now();
+        let mut next = HashMap::new();
         for rule in &self.config.rules {
             let Some(schedule) = rule.schedule() else {
                 continue;
             };
-            let first = match self.store.last_fire(&rule.name).await {
-                Ok(Some(last)) => schedule.next_after(last),
-                Ok(None) => schedule.next_after(now),
-                Err(e) => {
-                    error!(rule = %rule.name, error = %e, "cannot read the rule's last fire; starting from now");
+            let first = match self.store.last_fire(&rule.name).await? {
+                Some(last) => schedule.next_after(last),
+                None => {
+                    // A new rule starts from now; the mark lets a later restart catch up
+                    // a fire missed before the rule ever fired.
+                    self.store.mark_fired_until(&rule.name, now).await?;
                     schedule.next_after(now)
                 }
             };
@@ -81,6 +86,10 @@ impl Scheduler {
                 next.insert(rule.name.clone(), first);
             }
         }
+        Ok(next)
+    }
+
+    pub async fn run(self, mut next: HashMap<String, DateTime<Utc>>, cancel: CancellationToken) {
         loop {
             let now = self.clock.now();
             for rule in &self.config.rules {

@@ -381,6 +381,19 @@ impl Store {
         Ok(v.map(from_ms))
     }
 
+    /// Records that the scheduler has accounted for `rule` up to `at` (without firing).
+    pub async fn mark_fired_until(&self, rule: &str, at: DateTime<Utc>) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO rule_fires (rule, last_scheduled_for) VALUES (?, ?)
+             ON CONFLICT (rule) DO UPDATE SET last_scheduled_for = MAX(last_scheduled_for, excluded.last_scheduled_for)",
+        )
+        .bind(rule)
+        .bind(ms(at))
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
     /// Records a scheduled fire and its jobs. Returns the run id, or `None` when this
     /// (rule, instant) already fired: a restart or a second call cannot fire it twice.
     pub async fn record_fire(&self, run: &NewRun, now: DateTime<Utc>) -> Result<Option<i64>> {

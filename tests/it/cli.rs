@@ -18,13 +18,31 @@ fn check_passes_on_the_shipped_configs_and_prints_next_fires() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("rule \"night greeting\""), "{stdout}");
-    assert_eq!(stdout.matches("    next ").count(), 6, "3 fires for each of 2 scheduled rules:\n{stdout}");
-    assert!(stdout.contains("18:00 EST") || stdout.contains("18:00 EDT"), "{stdout}");
+    assert_eq!(
+        stdout.matches("    next ").count(),
+        6,
+        "3 fires for each of 2 scheduled rules:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("18:00 EST") || stdout.contains("18:00 EDT"),
+        "{stdout}"
+    );
 
-    let out = autopilot().args(["check", "--config", "config/demo.toml"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = autopilot()
+        .args(["check", "--config", "config/demo.toml"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -36,12 +54,24 @@ fn check_fails_with_file_line_and_column() {
         "[platform]\nbase_url = \"http://x/v3\"\ntoken = { value = \"x\" }\n[[rules]]\nname = \"r\"\nschedule = { cron = \"0 18 * * *\", timezone = \"Mars/Base\" }\nagents = [1]\nset = { greeting = \"hi\" }\n",
     )
     .unwrap();
-    let out = autopilot().args(["check", "--config"]).arg(&path).output().unwrap();
+    let out = autopilot()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     let p = path.display();
-    assert!(stderr.contains(&format!("{p}:6:46: unknown time zone \"Mars/Base\"")), "{stderr}");
-    assert!(stderr.contains(&format!("{p}:8:9: unknown PATCH field `greeting`; did you mean `greetings`?")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{p}:6:46: unknown time zone \"Mars/Base\"")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "{p}:8:9: unknown PATCH field `greeting`; did you mean `greetings`?"
+        )),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -55,7 +85,14 @@ fn check_on_shipped_config_without_secrets_names_each_missing_variable() {
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    for var in ["CONVIRZA_TOKEN", "CONVIRZA_WEBHOOK_SECRET", "GATEWAY_SECRET"] {
-        assert!(stderr.contains(&format!("environment variable {var} is not set")), "{stderr}");
+    for var in [
+        "CONVIRZA_TOKEN",
+        "CONVIRZA_WEBHOOK_SECRET",
+        "GATEWAY_SECRET",
+    ] {
+        assert!(
+            stderr.contains(&format!("environment variable {var} is not set")),
+            "{stderr}"
+        );
     }
 }

@@ -59,8 +59,12 @@ set = { status = "active" }
 "#;
 
 pub fn sample(name: &str) -> Vec<u8> {
-    std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/webhooks").join(name))
-        .expect("sample delivery")
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/webhooks")
+            .join(name),
+    )
+    .expect("sample delivery")
 }
 
 pub struct TestApp {
@@ -167,7 +171,13 @@ impl TestApp {
         self.app.as_ref().expect("app running").store()
     }
 
-    pub async fn post(&self, source: &str, content_type: &str, body: Vec<u8>, headers: &[(&str, &str)]) -> reqwest::Response {
+    pub async fn post(
+        &self,
+        source: &str,
+        content_type: &str,
+        body: Vec<u8>,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
         let mut req = self
             .http
             .post(format!("http://{}/webhooks/{source}", self.addr))
@@ -180,7 +190,13 @@ impl TestApp {
     }
 
     pub async fn post_json(&self, source: &str, body: &Value) -> reqwest::Response {
-        self.post(source, "application/json", serde_json::to_vec(body).unwrap(), &[]).await
+        self.post(
+            source,
+            "application/json",
+            serde_json::to_vec(body).unwrap(),
+            &[],
+        )
+        .await
     }
 
     pub fn sim_url(&self, path: &str) -> String {
@@ -208,8 +224,18 @@ impl TestApp {
     }
 
     pub async fn fault(&self, fault: Value) {
-        let r = self.http.post(self.sim_url("/_sim/faults")).json(&fault).send().await.unwrap();
-        assert!(r.status().is_success(), "fault rejected: {}", r.text().await.unwrap_or_default());
+        let r = self
+            .http
+            .post(self.sim_url("/_sim/faults"))
+            .json(&fault)
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            r.status().is_success(),
+            "fault rejected: {}",
+            r.text().await.unwrap_or_default()
+        );
     }
 
     pub async fn sim_agent(&self, id: i64) -> Value {
@@ -227,7 +253,8 @@ impl TestApp {
     pub async fn settle(&self) {
         eventually("queue settles", || async {
             let jobs = self.store().jobs(None, None).await.unwrap();
-            jobs.iter().all(|j| j.status != "pending" && j.status != "leased")
+            jobs.iter()
+                .all(|j| j.status != "pending" && j.status != "leased")
         })
         .await;
     }
@@ -259,7 +286,12 @@ where
 
 /// The form fields of a recorded PATCH, without the ones the test does not care about.
 pub fn field_names(patch: &Value) -> Vec<String> {
-    let mut names: Vec<String> = patch["fields"].as_object().unwrap().keys().cloned().collect();
+    let mut names: Vec<String> = patch["fields"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
     names.sort();
     names
 }

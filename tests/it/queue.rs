@@ -17,7 +17,10 @@ async fn two_500s_then_200_is_delivered_on_the_third_attempt() {
         .await
         .unwrap();
     t.fault(json!({"status": 500, "count": 2})).await;
-    assert_eq!(t.post_json("convirza", &abandoned(1, 101)).await.status(), 202);
+    assert_eq!(
+        t.post_json("convirza", &abandoned(1, 101)).await.status(),
+        202
+    );
     t.settle().await;
     let jobs = t.store().jobs(None, None).await.unwrap();
     assert_eq!(jobs.len(), 1);
@@ -25,11 +28,30 @@ async fn two_500s_then_200_is_delivered_on_the_third_attempt() {
     assert_eq!(jobs[0].attempts, 3);
     assert_eq!(jobs[0].last_status, Some(200));
     let attempts = t.store().attempts(jobs[0].id).await.unwrap();
-    let statuses: Vec<_> = attempts.iter().map(|a| (a.attempt, a.http_status, a.outcome.as_str())).collect();
-    assert_eq!(statuses, vec![(1, Some(500), "pending"), (2, Some(500), "pending"), (3, Some(200), "done")]);
-    assert!(attempts.iter().all(|a| a.request_id.is_some()), "every attempt keeps the platform's request_id");
+    let statuses: Vec<_> = attempts
+        .iter()
+        .map(|a| (a.attempt, a.http_status, a.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        statuses,
+        vec![
+            (1, Some(500), "pending"),
+            (2, Some(500), "pending"),
+            (3, Some(200), "done")
+        ]
+    );
+    assert!(
+        attempts.iter().all(|a| a.request_id.is_some()),
+        "every attempt keeps the platform's request_id"
+    );
     let patches = t.patches().await;
-    assert_eq!(patches.iter().map(|p| p["status"].as_u64().unwrap()).collect::<Vec<_>>(), vec![500, 500, 200]);
+    assert_eq!(
+        patches
+            .iter()
+            .map(|p| p["status"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        vec![500, 500, 200]
+    );
 }
 
 #[tokio::test]
@@ -39,13 +61,23 @@ async fn retry_after_is_honoured() {
         .save_agent_state(101, &json!({"status": "active"}), "get", chrono::Utc::now())
         .await
         .unwrap();
-    t.fault(json!({"status": 429, "retry_after": 1, "count": 1})).await;
-    assert_eq!(t.post_json("convirza", &abandoned(1, 101)).await.status(), 202);
+    t.fault(json!({"status": 429, "retry_after": 1, "count": 1}))
+        .await;
+    assert_eq!(
+        t.post_json("convirza", &abandoned(1, 101)).await.status(),
+        202
+    );
     t.settle().await;
     let patches = t.patches().await;
     assert_eq!(patches.len(), 2);
-    let at = |i: usize| chrono::DateTime::parse_from_rfc3339(patches[i]["at"].as_str().unwrap()).unwrap();
-    assert!(at(1) - at(0) >= chrono::Duration::milliseconds(950), "waited {:?}", at(1) - at(0));
+    let at = |i: usize| {
+        chrono::DateTime::parse_from_rfc3339(patches[i]["at"].as_str().unwrap()).unwrap()
+    };
+    assert!(
+        at(1) - at(0) >= chrono::Duration::milliseconds(950),
+        "waited {:?}",
+        at(1) - at(0)
+    );
 }
 
 #[tokio::test]
@@ -60,7 +92,11 @@ async fn unknown_agent_is_dead_after_one_attempt() {
     assert_eq!(jobs[0].attempts, 1);
     assert_eq!(jobs[0].last_status, Some(404));
     assert!(jobs[0].request_id.is_some());
-    assert!(jobs[0].last_error.as_deref().unwrap().contains("404"), "{:?}", jobs[0].last_error);
+    assert!(
+        jobs[0].last_error.as_deref().unwrap().contains("404"),
+        "{:?}",
+        jobs[0].last_error
+    );
     assert_eq!(t.patches().await.len(), 1);
 }
 
@@ -72,7 +108,10 @@ async fn retries_stop_at_max_attempts() {
         .await
         .unwrap();
     t.fault(json!({"status": 503, "count": 10})).await;
-    assert_eq!(t.post_json("convirza", &abandoned(1, 101)).await.status(), 202);
+    assert_eq!(
+        t.post_json("convirza", &abandoned(1, 101)).await.status(),
+        202
+    );
     t.settle().await;
     let jobs = t.store().jobs(None, None).await.unwrap();
     assert_eq!(jobs[0].status, "dead");
@@ -97,9 +136,14 @@ fn step_rules(n: usize) -> String {
 
 #[tokio::test]
 async fn one_agent_one_line_in_cause_order() {
-    let t = spawn_with(Options { rules: step_rules(6), ..Options::default() }).await;
+    let t = spawn_with(Options {
+        rules: step_rules(6),
+        ..Options::default()
+    })
+    .await;
     // Every PATCH takes 150 ms: were two in flight for one agent, they would overlap.
-    t.fault(json!({"delay_ms": 150, "count": 6, "path_contains": "/101"})).await;
+    t.fault(json!({"delay_ms": 150, "count": 6, "path_contains": "/101"}))
+        .await;
     for i in 0..6 {
         for agent in [101, 102] {
             let r = t
@@ -119,13 +163,25 @@ async fn one_agent_one_line_in_cause_order() {
             .iter()
             .filter(|p| p["path"] == format!("/v3/ai-voice-agents/{agent}"))
             .collect();
-        let steps: Vec<_> = mine.iter().map(|p| p["fields"]["more_information"].as_str().unwrap()).collect();
-        assert_eq!(steps, (0..6).map(|i| format!("step {i}")).collect::<Vec<_>>(), "agent {agent}");
+        let steps: Vec<_> = mine
+            .iter()
+            .map(|p| p["fields"]["more_information"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            steps,
+            (0..6).map(|i| format!("step {i}")).collect::<Vec<_>>(),
+            "agent {agent}"
+        );
         if agent == 101 {
             for pair in mine.windows(2) {
-                let a = chrono::DateTime::parse_from_rfc3339(pair[0]["at"].as_str().unwrap()).unwrap();
-                let b = chrono::DateTime::parse_from_rfc3339(pair[1]["at"].as_str().unwrap()).unwrap();
-                assert!(b - a >= chrono::Duration::milliseconds(140), "two PATCHes for one agent overlapped");
+                let a =
+                    chrono::DateTime::parse_from_rfc3339(pair[0]["at"].as_str().unwrap()).unwrap();
+                let b =
+                    chrono::DateTime::parse_from_rfc3339(pair[1]["at"].as_str().unwrap()).unwrap();
+                assert!(
+                    b - a >= chrono::Duration::milliseconds(140),
+                    "two PATCHes for one agent overlapped"
+                );
             }
         }
     }
@@ -144,7 +200,10 @@ async fn a_crash_mid_send_loses_nothing() {
         .unwrap();
     // The platform hangs on the first PATCH; the app dies while it waits.
     t.fault(json!({"delay_ms": 1500, "count": 1})).await;
-    assert_eq!(t.post_json("convirza", &abandoned(1, 101)).await.status(), 202);
+    assert_eq!(
+        t.post_json("convirza", &abandoned(1, 101)).await.status(),
+        202
+    );
     eventually("the job is leased", || async {
         t.store().jobs(Some("leased"), None).await.unwrap().len() == 1
     })
@@ -155,7 +214,10 @@ async fn a_crash_mid_send_loses_nothing() {
     t.start().await;
     let jobs = t.store().jobs(None, None).await.unwrap();
     assert_eq!(jobs.len(), 1);
-    assert_eq!(jobs[0].status, "leased", "the dead process's lease still holds");
+    assert_eq!(
+        jobs[0].status, "leased",
+        "the dead process's lease still holds"
+    );
     eventually("the job is delivered after the lease runs out", || async {
         t.store().jobs(Some("done"), None).await.unwrap().len() == 1
     })
@@ -167,13 +229,20 @@ async fn a_crash_mid_send_loses_nothing() {
 #[tokio::test]
 async fn a_second_app_on_the_same_database_is_refused() {
     let t = spawn().await;
-    let err = autopilot::app::App::start(t.config(), t.clock.clone(), tokio_util::sync::CancellationToken::new())
-        .await
-        .err()
-        .expect("second instance must fail");
+    let err = autopilot::app::App::start(
+        t.config(),
+        t.clock.clone(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .err()
+    .expect("second instance must fail");
     let msg = format!("{err:#}");
     assert!(msg.contains("in use by another autopilot process"), "{msg}");
-    assert!(msg.contains(&std::process::id().to_string()), "names the holder's pid: {msg}");
+    assert!(
+        msg.contains(&std::process::id().to_string()),
+        "names the holder's pid: {msg}"
+    );
 }
 
 #[tokio::test]
@@ -183,9 +252,16 @@ async fn graceful_shutdown_then_restart_keeps_pending_jobs() {
         .save_agent_state(101, &json!({"status": "active"}), "get", chrono::Utc::now())
         .await
         .unwrap();
-    t.fault(json!({"status": 503, "retry_after": 3, "count": 1})).await;
-    assert_eq!(t.post_json("convirza", &abandoned(1, 101)).await.status(), 202);
-    eventually("the first attempt fails", || async { t.patches().await.len() == 1 }).await;
+    t.fault(json!({"status": 503, "retry_after": 3, "count": 1}))
+        .await;
+    assert_eq!(
+        t.post_json("convirza", &abandoned(1, 101)).await.status(),
+        202
+    );
+    eventually("the first attempt fails", || async {
+        t.patches().await.len() == 1
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     t.shutdown().await;
     t.start().await;

@@ -37,19 +37,35 @@ async fn cron_rule_patches_at_its_fire_time_in_its_zone() {
     assert!(t.patches().await.is_empty(), "nothing before 18:00");
 
     t.manual.as_ref().unwrap().set(at("2026-11-30T23:00:00Z"));
-    eventually("both agents are patched", || async { t.patches().await.len() == 2 }).await;
+    eventually("both agents are patched", || async {
+        t.patches().await.len() == 2
+    })
+    .await;
     t.settle().await;
     let patches = t.patches().await;
-    let mut paths: Vec<_> = patches.iter().map(|p| p["path"].as_str().unwrap().to_string()).collect();
+    let mut paths: Vec<_> = patches
+        .iter()
+        .map(|p| p["path"].as_str().unwrap().to_string())
+        .collect();
     paths.sort();
-    assert_eq!(paths, vec!["/v3/ai-voice-agents/101", "/v3/ai-voice-agents/102"]);
+    assert_eq!(
+        paths,
+        vec!["/v3/ai-voice-agents/101", "/v3/ai-voice-agents/102"]
+    );
     for p in &patches {
-        assert_eq!(field_names(p), vec!["config", "greetings", "max_call_duration"]);
+        assert_eq!(
+            field_names(p),
+            vec!["config", "greetings", "max_call_duration"]
+        );
         assert_eq!(p["fields"]["greetings"], "We are closed.");
         // config is the agent's known config with the rule's keys laid over it.
-        let config: serde_json::Value = serde_json::from_str(p["fields"]["config"].as_str().unwrap()).unwrap();
+        let config: serde_json::Value =
+            serde_json::from_str(p["fields"]["config"].as_str().unwrap()).unwrap();
         assert_eq!(config["volume"], 0.7);
-        assert_eq!(config["background_noise"], false, "other config keys are kept");
+        assert_eq!(
+            config["background_noise"], false,
+            "other config keys are kept"
+        );
     }
     let runs = t.store().runs(Some("night greeting")).await.unwrap();
     assert_eq!(runs.len(), 1);
@@ -69,7 +85,10 @@ async fn a_restart_never_fires_an_instant_twice() {
     t.start().await;
     t.manual.as_ref().unwrap().set(at("2026-11-30T23:00:30Z"));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(t.store().runs(Some("night greeting")).await.unwrap().len(), 1);
+    assert_eq!(
+        t.store().runs(Some("night greeting")).await.unwrap().len(),
+        1
+    );
     assert_eq!(t.patches().await.len(), 2);
 }
 
@@ -85,10 +104,17 @@ async fn a_missed_fire_inside_the_catch_up_window_runs_once() {
     // Down over the night fire (23:00Z); back 10 minutes later: inside the 15m window.
     t.manual.as_ref().unwrap().set(at("2026-11-30T23:10:00Z"));
     t.start().await;
-    eventually("night fired late", || async { t.patches().await.len() == 4 }).await;
+    eventually("night fired late", || async {
+        t.patches().await.len() == 4
+    })
+    .await;
     let runs = t.store().runs(Some("night greeting")).await.unwrap();
     assert_eq!(runs.len(), 1);
-    assert!(runs[0].detail.as_deref().unwrap_or("").contains("catch-up"), "{:?}", runs[0].detail);
+    assert!(
+        runs[0].detail.as_deref().unwrap_or("").contains("catch-up"),
+        "{:?}",
+        runs[0].detail
+    );
     t.settle().await;
     t.shutdown().await;
 
@@ -101,7 +127,11 @@ async fn a_missed_fire_inside_the_catch_up_window_runs_once() {
     .await;
     let runs = t.store().runs(Some("day greeting")).await.unwrap();
     assert_eq!(runs[1].decision, "skipped");
-    assert!(runs[1].detail.as_deref().unwrap().contains("missed"), "{:?}", runs[1].detail);
+    assert!(
+        runs[1].detail.as_deref().unwrap().contains("missed"),
+        "{:?}",
+        runs[1].detail
+    );
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(t.patches().await.len(), 4);
 }
@@ -110,10 +140,22 @@ async fn a_missed_fire_inside_the_catch_up_window_runs_once() {
 async fn a_stale_scheduled_change_expires_instead_of_landing_late() {
     let t = spawn_at("2026-11-30T22:59:59Z").await;
     // The platform is down from the night fire until after the next day fire.
-    t.fault(serde_json::json!({"status": 503, "count": 1000})).await;
+    t.fault(serde_json::json!({"status": 503, "count": 1000}))
+        .await;
     t.manual.as_ref().unwrap().set(at("2026-11-30T23:00:00Z"));
-    eventually("first attempts fail", || async { t.patches().await.len() >= 1 }).await;
-    t.http.delete(t.sim_url("/_sim/faults")).send().await.unwrap();
+    eventually("first attempts fail", || async {
+        let jobs = t.store().jobs(Some("pending"), None).await.unwrap();
+        jobs.len() == 2
+            && jobs
+                .iter()
+                .all(|j| j.attempts >= 1 && j.last_status == Some(503))
+    })
+    .await;
+    t.http
+        .delete(t.sim_url("/_sim/faults"))
+        .send()
+        .await
+        .unwrap();
     // 08:00 EST next day (13:00Z) passes before any retry happens.
     t.manual.as_ref().unwrap().set(at("2026-12-01T13:00:01Z"));
     eventually("night jobs expire", || async {
@@ -126,5 +168,8 @@ async fn a_stale_scheduled_change_expires_instead_of_landing_late() {
         .into_iter()
         .filter(|p| p["status"] == 200 && p["fields"]["greetings"] == "We are closed.")
         .collect();
-    assert!(landed.is_empty(), "the night greeting must not land in the morning");
+    assert!(
+        landed.is_empty(),
+        "the night greeting must not land in the morning"
+    );
 }

@@ -8,11 +8,21 @@ const POST_CALL_SIG: &str = "e1e5f933575893d19abeb0f4ae557e0a9be24565c71d6b84cf9
 #[tokio::test]
 async fn post_call_sample_sends_exactly_the_rules_fields() {
     let t = spawn().await;
-    let r = t.post("convirza", "application/json", sample("post-call.json"), &[]).await;
+    let r = t
+        .post(
+            "convirza",
+            "application/json",
+            sample("post-call.json"),
+            &[],
+        )
+        .await;
     assert_eq!(r.status(), 202);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["jobs"], 1, "{body}");
-    eventually("a PATCH arrives", || async { !t.patches().await.is_empty() }).await;
+    eventually("a PATCH arrives", || async {
+        !t.patches().await.is_empty()
+    })
+    .await;
     t.settle().await;
     let patches = t.patches().await;
     assert_eq!(patches.len(), 1);
@@ -20,40 +30,67 @@ async fn post_call_sample_sends_exactly_the_rules_fields() {
     assert_eq!(p["path"], "/v3/ai-voice-agents/101");
     assert_eq!(p["status"], 200);
     assert_eq!(field_names(p), vec!["more_information"]);
-    assert_eq!(p["fields"]["more_information"], "Last caller was a hot lead: offer a demo.");
+    assert_eq!(
+        p["fields"]["more_information"],
+        "Last caller was a hot lead: offer a demo."
+    );
     // The returned agent is stored as its freshest known state.
     let state = t.store().agent_state(101).await.unwrap().unwrap();
-    assert_eq!(state["more_information"], "Last caller was a hot lead: offer a demo.");
+    assert_eq!(
+        state["more_information"],
+        "Last caller was a hot lead: offer a demo."
+    );
     let jobs = t.store().jobs(Some("done"), None).await.unwrap();
     assert_eq!(jobs.len(), 1);
-    assert!(jobs[0].request_id.is_some(), "the platform's request_id is kept");
+    assert!(
+        jobs[0].request_id.is_some(),
+        "the platform's request_id is kept"
+    );
 }
 
 #[tokio::test]
 async fn pre_call_form_sample_is_authenticated_by_its_plain_field() {
     let t = spawn().await;
     let r = t
-        .post("convirza", "application/x-www-form-urlencoded", sample("pre-call.form"), &[])
+        .post(
+            "convirza",
+            "application/x-www-form-urlencoded",
+            sample("pre-call.form"),
+            &[],
+        )
         .await;
     assert_eq!(r.status(), 202, "{}", r.text().await.unwrap());
-    eventually("a PATCH arrives", || async { !t.patches().await.is_empty() }).await;
+    eventually("a PATCH arrives", || async {
+        !t.patches().await.is_empty()
+    })
+    .await;
     t.settle().await;
     let patches = t.patches().await;
     assert_eq!(patches.len(), 1);
     assert_eq!(patches[0]["path"], "/v3/ai-voice-agents/101");
     assert_eq!(field_names(&patches[0]), vec!["greetings"]);
-    assert_eq!(patches[0]["fields"]["greetings"], "Hello, Seattle! How can I help?");
+    assert_eq!(
+        patches[0]["fields"]["greetings"],
+        "Hello, Seattle! How can I help?"
+    );
 }
 
 #[tokio::test]
 async fn stored_delivery_does_not_keep_the_static_secret() {
     let t = spawn().await;
-    t.post("convirza", "application/json", sample("post-call.json"), &[]).await;
+    t.post(
+        "convirza",
+        "application/json",
+        sample("post-call.json"),
+        &[],
+    )
+    .await;
     let db = std::fs::read(t.db_path()).unwrap();
     let wal = std::fs::read(t.db_path().with_extension("db-wal")).unwrap_or_default();
     let hay = [db, wal].concat();
     assert!(
-        !hay.windows(STATIC_SECRET.len()).any(|w| w == STATIC_SECRET.as_bytes()),
+        !hay.windows(STATIC_SECRET.len())
+            .any(|w| w == STATIC_SECRET.as_bytes()),
         "the static secret was written to the database"
     );
 }
@@ -63,20 +100,36 @@ async fn hmac_signed_sample_over_raw_bytes() {
     let t = spawn().await;
     let sig = format!("sha256={POST_CALL_SIG}");
     let r = t
-        .post("gateway", "application/json", sample("post-call.json"), &[("X-Signature", &sig)])
+        .post(
+            "gateway",
+            "application/json",
+            sample("post-call.json"),
+            &[("X-Signature", &sig)],
+        )
         .await;
     assert_eq!(r.status(), 202);
-    eventually("a PATCH arrives", || async { !t.patches().await.is_empty() }).await;
+    eventually("a PATCH arrives", || async {
+        !t.patches().await.is_empty()
+    })
+    .await;
     t.settle().await;
     let p = &t.patches().await[0];
-    assert_eq!(field_names(p), vec!["max_call_duration", "notification_time"]);
+    assert_eq!(
+        field_names(p),
+        vec!["max_call_duration", "notification_time"]
+    );
     assert_eq!(p["fields"]["max_call_duration"], "600");
 
     // The same JSON re-serialized (no trailing newline, other spacing) fails under the
     // signature of the original bytes.
     let v: serde_json::Value = serde_json::from_slice(&sample("post-call.json")).unwrap();
     let r = t
-        .post("gateway", "application/json", serde_json::to_vec(&v).unwrap(), &[("X-Signature", &sig)])
+        .post(
+            "gateway",
+            "application/json",
+            serde_json::to_vec(&v).unwrap(),
+            &[("X-Signature", &sig)],
+        )
         .await;
     assert_eq!(r.status(), 401);
 }
@@ -88,15 +141,56 @@ async fn bad_or_missing_auth_is_401_and_stores_nothing() {
         .unwrap()
         .replace(STATIC_SECRET, "guess");
     let no_static = json!({"event": "post_call", "call_id": 5, "disposition": "ABANDONED", "ai_voice_agent_id": 101});
-    let cases: Vec<(&str, &str, Vec<u8>, Vec<(&str, &str)>)> = vec![
-        ("convirza", "application/json", wrong_static.into_bytes(), vec![]),
-        ("convirza", "application/json", serde_json::to_vec(&no_static).unwrap(), vec![]),
-        ("convirza", "application/x-www-form-urlencoded", b"event=pre_call&ai_voice_agent_id=101&auth_token=nope".to_vec(), vec![]),
-        ("gateway", "application/json", sample("post-call.json"), vec![]),
-        ("gateway", "application/json", sample("post-call.json"), vec![("X-Signature", "sha256=00ff")]),
-        ("gateway", "application/json", sample("post-call.json"), vec![("X-Signature", POST_CALL_SIG)]),
-        ("ops", "application/json", br#"{"action":"resume","agent":101}"#.to_vec(), vec![]),
-        ("ops", "application/json", br#"{"action":"resume","agent":101}"#.to_vec(), vec![("Authorization", "Basic b3BzOndyb25n")]),
+    type Case<'a> = (&'a str, &'a str, Vec<u8>, Vec<(&'a str, &'a str)>);
+    let cases: Vec<Case> = vec![
+        (
+            "convirza",
+            "application/json",
+            wrong_static.into_bytes(),
+            vec![],
+        ),
+        (
+            "convirza",
+            "application/json",
+            serde_json::to_vec(&no_static).unwrap(),
+            vec![],
+        ),
+        (
+            "convirza",
+            "application/x-www-form-urlencoded",
+            b"event=pre_call&ai_voice_agent_id=101&auth_token=nope".to_vec(),
+            vec![],
+        ),
+        (
+            "gateway",
+            "application/json",
+            sample("post-call.json"),
+            vec![],
+        ),
+        (
+            "gateway",
+            "application/json",
+            sample("post-call.json"),
+            vec![("X-Signature", "sha256=00ff")],
+        ),
+        (
+            "gateway",
+            "application/json",
+            sample("post-call.json"),
+            vec![("X-Signature", POST_CALL_SIG)],
+        ),
+        (
+            "ops",
+            "application/json",
+            br#"{"action":"resume","agent":101}"#.to_vec(),
+            vec![],
+        ),
+        (
+            "ops",
+            "application/json",
+            br#"{"action":"resume","agent":101}"#.to_vec(),
+            vec![("Authorization", "Basic b3BzOndyb25n")],
+        ),
     ];
     for (source, ct, body, headers) in cases {
         let r = t.post(source, ct, body, &headers).await;
@@ -113,7 +207,12 @@ async fn bad_or_missing_auth_is_401_and_stores_nothing() {
 
     // And the right basic credentials pass: ops:hunter2-basic.
     let r = t
-        .post("ops", "application/json", br#"{"action":"resume","agent":101}"#.to_vec(), &[("Authorization", "Basic b3BzOmh1bnRlcjItYmFzaWM=")])
+        .post(
+            "ops",
+            "application/json",
+            br#"{"action":"resume","agent":101}"#.to_vec(),
+            &[("Authorization", "Basic b3BzOmh1bnRlcjItYmFzaWM=")],
+        )
         .await;
     assert_eq!(r.status(), 202);
 }
@@ -122,7 +221,14 @@ async fn bad_or_missing_auth_is_401_and_stores_nothing() {
 async fn duplicate_delivery_causes_one_patch() {
     let t = spawn().await;
     for _ in 0..3 {
-        let r = t.post("convirza", "application/json", sample("post-call.json"), &[]).await;
+        let r = t
+            .post(
+                "convirza",
+                "application/json",
+                sample("post-call.json"),
+                &[],
+            )
+            .await;
         assert!(r.status().is_success());
     }
     // Same call_id, different bytes: still the same delivery.
@@ -130,8 +236,14 @@ async fn duplicate_delivery_causes_one_patch() {
     v["caller_name"] = json!("SOMEONE ELSE");
     let r = t.post_json("convirza", &v).await;
     assert_eq!(r.status(), 200);
-    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["status"], "duplicate");
-    eventually("a PATCH arrives", || async { !t.patches().await.is_empty() }).await;
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["status"],
+        "duplicate"
+    );
+    eventually("a PATCH arrives", || async {
+        !t.patches().await.is_empty()
+    })
+    .await;
     t.settle().await;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert_eq!(t.patches().await.len(), 1);
@@ -141,7 +253,12 @@ async fn duplicate_delivery_causes_one_patch() {
     let sig = format!("sha256={POST_CALL_SIG}");
     for _ in 0..2 {
         let r = t
-            .post("gateway", "application/json", sample("post-call.json"), &[("X-Signature", &sig)])
+            .post(
+                "gateway",
+                "application/json",
+                sample("post-call.json"),
+                &[("X-Signature", &sig)],
+            )
             .await;
         assert!(r.status().is_success());
     }
@@ -156,7 +273,10 @@ async fn when_false_sends_nothing() {
                "ai_voice_agent_id": 103, "static": {"auth_token": STATIC_SECRET}})
     };
     assert_eq!(t.post_json("convirza", &abandoned(1)).await.status(), 202);
-    eventually("first pause lands", || async { t.patches().await.len() == 1 }).await;
+    eventually("first pause lands", || async {
+        t.patches().await.len() == 1
+    })
+    .await;
     t.settle().await;
     assert_eq!(t.sim_agent(103).await["status"], "inactive");
 
@@ -165,10 +285,18 @@ async fn when_false_sends_nothing() {
     t.settle().await;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert_eq!(t.patches().await.len(), 1, "no second PATCH");
-    let runs = t.store().runs(Some("pause after abandoned calls")).await.unwrap();
+    let runs = t
+        .store()
+        .runs(Some("pause after abandoned calls"))
+        .await
+        .unwrap();
     assert_eq!(runs.len(), 2);
     assert_eq!(runs[1].decision, "skipped");
-    assert!(runs[1].detail.as_deref().unwrap().contains("status"), "{:?}", runs[1].detail);
+    assert!(
+        runs[1].detail.as_deref().unwrap().contains("status"),
+        "{:?}",
+        runs[1].detail
+    );
 }
 
 #[tokio::test]
@@ -177,24 +305,40 @@ async fn when_reads_the_agent_with_a_get_when_nothing_is_known() {
     let body = json!({"event": "post_call", "call_id": 9, "disposition": "NO ANSWER",
                       "ai_voice_agent_id": 102, "static": {"auth_token": STATIC_SECRET}});
     assert_eq!(t.post_json("convirza", &body).await.status(), 202);
-    eventually("a PATCH arrives", || async { !t.patches().await.is_empty() }).await;
+    eventually("a PATCH arrives", || async {
+        !t.patches().await.is_empty()
+    })
+    .await;
     let reqs = t.sim_requests().await;
-    let methods: Vec<_> = reqs.iter().map(|r| r["method"].as_str().unwrap().to_string()).collect();
-    assert_eq!(methods, vec!["GET", "PATCH"], "the unknown agent is read first");
+    let methods: Vec<_> = reqs
+        .iter()
+        .map(|r| r["method"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        methods,
+        vec!["GET", "PATCH"],
+        "the unknown agent is read first"
+    );
 }
 
 #[tokio::test]
 async fn http_errors_are_clear() {
     let t = spawn().await;
-    let r = t.post("nope", "application/json", b"{}".to_vec(), &[]).await;
+    let r = t
+        .post("nope", "application/json", b"{}".to_vec(), &[])
+        .await;
     assert_eq!(r.status(), 404);
-    let r = t.post("convirza", "text/plain", b"hello".to_vec(), &[]).await;
+    let r = t
+        .post("convirza", "text/plain", b"hello".to_vec(), &[])
+        .await;
     assert_eq!(r.status(), 415);
     assert!(r.text().await.unwrap().contains("application/json"));
     let big = vec![b' '; 2 << 20];
     let r = t.post("convirza", "application/json", big, &[]).await;
     assert_eq!(r.status(), 413);
-    let r = t.post("convirza", "application/json", b"{not json".to_vec(), &[]).await;
+    let r = t
+        .post("convirza", "application/json", b"{not json".to_vec(), &[])
+        .await;
     assert_eq!(r.status(), 400);
     assert_eq!(t.store().delivery_count("convirza").await.unwrap(), 0);
 }
