@@ -26,7 +26,7 @@ token = { value = "x" }
 #[test]
 fn shipped_configs_are_valid() {
     let c = Config::load(Path::new("config/autopilot.toml"), &env()).unwrap();
-    assert_eq!(c.rules.len(), 3);
+    assert_eq!(c.rules.len(), 5);
     assert_eq!(c.sources.len(), 2);
     Config::from_toml(crate::cli::DEMO_CONFIG, Path::new("config/demo.toml"), &[]).unwrap();
 }
