@@ -46,7 +46,7 @@ CREATE TABLE jobs (
     cause_at        INTEGER NOT NULL,
     valid_until     INTEGER,
     status          TEXT    NOT NULL DEFAULT 'pending'
-                    CHECK (status IN ('pending', 'leased', 'done', 'dead', 'expired', 'skipped')),
+                    CHECK (status IN ('pending', 'leased', 'done', 'dead', 'expired', 'skipped', 'discarded')),
     attempts        INTEGER NOT NULL DEFAULT 0,
     next_attempt_at INTEGER NOT NULL,
     lease_owner     TEXT,
@@ -79,4 +79,15 @@ CREATE INDEX job_attempts_job ON job_attempts (job_id);
 CREATE TABLE rule_fires (
     rule               TEXT PRIMARY KEY,
     last_scheduled_for INTEGER NOT NULL
+);
+
+-- The platform's OAuth token pair (login config only). Refresh tokens are single-use:
+-- the new pair replaces the old in one statement before it is used.
+CREATE TABLE oauth_tokens (
+    id                 INTEGER PRIMARY KEY CHECK (id = 1),
+    access_token       TEXT    NOT NULL,
+    refresh_token      TEXT    NOT NULL,
+    expires_at         INTEGER NOT NULL,
+    refresh_expires_at INTEGER NOT NULL,
+    obtained_at        INTEGER NOT NULL
 );

@@ -36,8 +36,8 @@ impl App {
         let store = Store::open(&config.database.path)
             .await
             .with_context(|| format!("opening database {}", config.database.path.display()))?;
-        let client =
-            PlatformClient::new(&config.platform).context("building the platform client")?;
+        let client = PlatformClient::new(&config.platform, store.clone(), clock.clone())
+            .context("building the platform client")?;
         let listener = tokio::net::TcpListener::bind(config.server.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.server.listen))?;
@@ -81,6 +81,7 @@ impl App {
             clock,
             policy: RetryPolicy::from_config(&config.queue),
             lease: config.queue.lease,
+            shutdown_grace: config.queue.shutdown_grace,
             notify: queue_notify,
         };
         let owner = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());

@@ -69,6 +69,53 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Inspect and repair the PATCH queue; safe beside a running daemon.
+    Jobs {
+        #[command(subcommand)]
+        action: JobsAction,
+    },
+}
+
+/// Which database: `--db FILE`, or the `[database] path` of `--config FILE` (only that key
+/// is read, so secrets need not be set).
+#[derive(Debug, clap::Args)]
+pub struct DbArgs {
+    #[arg(long, short, conflicts_with = "db", required_unless_present = "db")]
+    pub config: Option<PathBuf>,
+    #[arg(long)]
+    pub db: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum JobsAction {
+    /// List jobs, newest last.
+    List {
+        #[command(flatten)]
+        db: DbArgs,
+        /// pending, leased, done, dead, expired, skipped or discarded
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        agent: Option<i64>,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a dead (or expired, skipped, discarded) job back in line, or every dead job.
+    Retry {
+        #[command(flatten)]
+        db: DbArgs,
+        #[arg(required_unless_present = "all_dead", conflicts_with = "all_dead")]
+        id: Option<i64>,
+        #[arg(long)]
+        all_dead: bool,
+    },
+    /// Never send this job.
+    Discard {
+        #[command(flatten)]
+        db: DbArgs,
+        id: i64,
+    },
 }
 
 pub fn run(cli: Cli) -> ExitCode {
@@ -93,6 +140,7 @@ pub fn run(cli: Cli) -> ExitCode {
             } => sim(listen, token, agents).await,
             Command::Demo { config, listen } => demo(config, listen).await,
             Command::Migrate { config } => migrate(&config).await,
+            Command::Jobs { action } => jobs(action).await,
         }
     });
     match result {
@@ -305,4 +353,102 @@ async fn demo(config_path: Option<PathBuf>, listen: Option<SocketAddr>) -> anyho
     printer.abort();
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+async fn open_db(args: &DbArgs) -> anyhow::Result<Store> {
+    let path = match (&args.db, &args.config) {
+        (Some(db), _) => db.clone(),
+        (None, Some(config)) => crate::config::database_path(config, &env_vars())
+            .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?,
+        (None, None) => anyhow::bail!("give --config FILE or --db FILE"),
+    };
+    if !path.exists() {
+        anyhow::bail!(
+            "no database at {} (has the daemon run yet?)",
+            path.display()
+        );
+    }
+    Store::open(&path)
+        .await
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+async fn jobs(action: JobsAction) -> anyhow::Result<()> {
+    let now = chrono::Utc::now();
+    match action {
+        JobsAction::List {
+            db,
+            status,
+            agent,
+            json,
+        } => {
+            if let Some(s) = &status {
+                s.parse::<crate::store::JobStatus>()
+                    .map_err(anyhow::Error::msg)?;
+            }
+            let store = open_db(&db).await?;
+            let jobs = store.jobs(status.as_deref(), agent).await?;
+            store.close().await;
+            if json {
+                for j in &jobs {
+                    println!("{}", serde_json::to_string(j)?);
+                }
+                return Ok(());
+            }
+            println!(
+                "{:>6}  {:<9}  {:>8}  {:<28}  {:>3}  {:>4}  {:<20}  {}",
+                "ID", "STATUS", "AGENT", "RULE", "TRY", "HTTP", "UPDATED (UTC)", "LAST ERROR"
+            );
+            for j in &jobs {
+                println!(
+                    "{:>6}  {:<9}  {:>8}  {:<28}  {:>3}  {:>4}  {:<20}  {}",
+                    j.id,
+                    j.status,
+                    j.agent_id,
+                    clip(&j.rule, 28),
+                    j.attempts,
+                    j.last_status
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    j.updated_at.format("%Y-%m-%d %H:%M:%S"),
+                    clip(j.last_error.as_deref().unwrap_or(""), 60)
+                );
+            }
+            println!("{} job(s)", jobs.len());
+        }
+        JobsAction::Retry { db, id, all_dead } => {
+            let store = open_db(&db).await?;
+            let result = if all_dead {
+                let ids = store.retry_all_dead(now).await?;
+                println!("{} dead job(s) back in line: {ids:?}", ids.len());
+                Ok(())
+            } else {
+                let id = id.expect("clap requires an id without --all-dead");
+                store
+                    .retry_job(id, now)
+                    .await?
+                    .map(|()| println!("job {id} is back in line"))
+            };
+            store.close().await;
+            result.map_err(anyhow::Error::msg)?;
+        }
+        JobsAction::Discard { db, id } => {
+            let store = open_db(&db).await?;
+            let result = store.discard_job(id, now).await?;
+            store.close().await;
+            result.map_err(anyhow::Error::msg)?;
+            println!("job {id} discarded");
+        }
+    }
+    Ok(())
+}
+
+fn clip(s: &str, n: usize) -> String {
+    if s.chars().count() <= n {
+        s.to_string()
+    } else {
+        let mut out: String = s.chars().take(n.saturating_sub(1)).collect();
+        out.push('…');
+        out
+    }
 }

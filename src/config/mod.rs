@@ -46,9 +46,17 @@ pub struct DatabaseConfig {
 pub struct PlatformConfig {
     /// Without a trailing slash, e.g. `https://platform-api.convirza.com/v3`.
     pub base_url: String,
+    /// Without a trailing slash, e.g. `https://platform-oauth.convirza.com`.
+    pub oauth_url: String,
     pub token: TokenSource,
     pub timeout: Duration,
+    /// At most this many requests a second toward the platform (all workers together).
+    pub requests_per_second: Option<f64>,
+    /// At most this many requests in flight toward the platform.
+    pub max_in_flight: Option<usize>,
 }
+
+pub const DEFAULT_OAUTH_URL: &str = "https://platform-oauth.convirza.com";
 
 /// Where the bearer token comes from.
 #[derive(Debug, Clone)]
@@ -57,6 +65,12 @@ pub enum TokenSource {
     Static(SecretString),
     /// Read at start and again after a 401, so a rotated file is picked up.
     File(PathBuf, SecretString),
+    /// An OAuth login (`POST {oauth_url}/oauth/token`); the pair is kept in the database
+    /// and refreshed ahead of expiry.
+    Login {
+        email: String,
+        password: SecretString,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -69,6 +83,10 @@ pub struct QueueConfig {
     pub lease: Duration,
     /// Ceiling for a platform's `Retry-After`.
     pub max_retry_after: Duration,
+    /// A job still failing this long after it was created is dead.
+    pub max_age: Duration,
+    /// On shutdown, how long in-flight PATCHes may take before they are cut off.
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -155,6 +173,27 @@ impl Config {
             Some(c) if errs.items.is_empty() => Ok(c),
             _ => Err(errs),
         }
+    }
+}
+
+/// Only `[database] path` (after overrides), for tools that must not need the secrets.
+pub fn database_path(path: &Path, env: &[(String, String)]) -> Result<PathBuf, ConfigErrors> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigErrors::single(path, format!("cannot read the config file: {e}")))?;
+    let (text, _) = overrides::apply(&text, env).map_err(|msg| ConfigErrors::single(path, msg))?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| {
+        let mut errs = ConfigErrors::single(path, String::new());
+        errs.text = text.clone();
+        errs.items = vec![(e.span(), e.message().to_string())];
+        errs
+    })?;
+    match table.get("database").and_then(|d| d.get("path")) {
+        None => Ok(PathBuf::from("data/autopilot.db")),
+        Some(toml::Value::String(p)) => Ok(PathBuf::from(p)),
+        Some(_) => Err(ConfigErrors::single(
+            path,
+            "[database] path must be a string".into(),
+        )),
     }
 }
 
@@ -333,19 +372,36 @@ fn validate(
 
     // [platform]
     let p = &raw.platform;
-    let base_url = p.base_url.get_ref().trim_end_matches('/').to_string();
-    match reqwest::Url::parse(&base_url) {
-        Ok(u) if matches!(u.scheme(), "http" | "https") => {}
-        _ => errs.at(
-            &p.base_url,
-            format!("base_url {:?} is not an http(s) URL such as \"https://platform-api.convirza.com/v3\"", p.base_url.get_ref()),
-        ),
+    let url = |errs: &mut ConfigErrors, v: &Spanned<String>, example: &str| {
+        let u = v.get_ref().trim_end_matches('/').to_string();
+        match reqwest::Url::parse(&u) {
+            Ok(parsed) if matches!(parsed.scheme(), "http" | "https") => {}
+            _ => errs.at(
+                v,
+                format!(
+                    "{:?} is not an http(s) URL such as {example:?}",
+                    v.get_ref()
+                ),
+            ),
+        }
+        u
+    };
+    let base_url = url(errs, &p.base_url, "https://platform-api.convirza.com/v3");
+    let oauth_url = match &p.oauth_url {
+        Some(v) => url(errs, v, DEFAULT_OAUTH_URL),
+        None => DEFAULT_OAUTH_URL.to_string(),
+    };
+    let token = token(errs, &p.token, env, base_dir);
+    if let Some(r) = &p.requests_per_second {
+        if !(r.get_ref().is_finite() && *r.get_ref() > 0.0) {
+            errs.at(r, "requests_per_second must be a positive number");
+        }
     }
-    let token =
-        secret(errs, &p.token, env, base_dir, "platform token").map(|(s, file)| match file {
-            Some(path) => TokenSource::File(path, s),
-            None => TokenSource::Static(s),
-        });
+    if let Some(m) = &p.max_in_flight {
+        if *m.get_ref() == 0 {
+            errs.at(m, "max_in_flight must be at least 1");
+        }
+    }
     let timeout = match &p.timeout {
         Some(t) => duration(errs, t),
         None => Some(Duration::from_secs(10)),
@@ -367,6 +423,8 @@ fn validate(
     let initial_backoff = opt_dur(errs, &q.initial_backoff, Duration::from_secs(1));
     let max_backoff = opt_dur(errs, &q.max_backoff, Duration::from_secs(300));
     let max_retry_after = opt_dur(errs, &q.max_retry_after, Duration::from_secs(600));
+    let max_age = opt_dur(errs, &q.max_age, Duration::from_secs(24 * 3600));
+    let shutdown_grace = opt_dur(errs, &q.shutdown_grace, Duration::from_secs(15));
     let lease = match (&q.lease, timeout) {
         (Some(s), Some(t)) => {
             let l = duration(errs, s);
@@ -450,8 +508,11 @@ fn validate(
         },
         platform: PlatformConfig {
             base_url,
+            oauth_url,
             token: token?,
             timeout: timeout?,
+            requests_per_second: p.requests_per_second.as_ref().map(|r| *r.get_ref()),
+            max_in_flight: p.max_in_flight.as_ref().map(|m| *m.get_ref()),
         },
         queue: QueueConfig {
             workers: q.workers.as_ref().map_or(4, |w| *w.get_ref()),
@@ -460,9 +521,56 @@ fn validate(
             max_backoff: max_backoff?,
             lease: lease?,
             max_retry_after: max_retry_after?,
+            max_age: max_age?,
+            shutdown_grace: shutdown_grace?,
         },
         sources,
         rules,
+    })
+}
+
+fn token(
+    errs: &mut ConfigErrors,
+    t: &Spanned<raw::RawToken>,
+    env: &[(String, String)],
+    base_dir: &Path,
+) -> Option<TokenSource> {
+    let raw = t.get_ref();
+    if let Some(login) = &raw.login {
+        if raw.env.is_some() || raw.file.is_some() || raw.value.is_some() {
+            errs.at(
+                t,
+                "platform token: give either `login = {...}` or one of env/file/value, not both",
+            );
+            return None;
+        }
+        let l = login.get_ref();
+        if !l.email.get_ref().contains('@') {
+            errs.at(
+                &l.email,
+                format!(
+                    "login email {:?} is not an email address",
+                    l.email.get_ref()
+                ),
+            );
+        }
+        let (password, _) = secret(errs, &l.password, env, base_dir, "login password")?;
+        return Some(TokenSource::Login {
+            email: l.email.get_ref().clone(),
+            password,
+        });
+    }
+    let as_secret = Spanned::new(
+        t.span(),
+        RawSecret {
+            env: raw.env.clone(),
+            file: raw.file.clone(),
+            value: raw.value.clone(),
+        },
+    );
+    secret(errs, &as_secret, env, base_dir, "platform token").map(|(s, file)| match file {
+        Some(path) => TokenSource::File(path, s),
+        None => TokenSource::Static(s),
     })
 }
 

@@ -65,8 +65,28 @@ fn default_db() -> Spanned<PathBuf> {
 #[serde(deny_unknown_fields)]
 pub struct RawPlatform {
     pub base_url: Spanned<String>,
-    pub token: Spanned<RawSecret>,
+    pub oauth_url: Option<Spanned<String>>,
+    pub token: Spanned<RawToken>,
     pub timeout: Option<Spanned<String>>,
+    pub requests_per_second: Option<Spanned<f64>>,
+    pub max_in_flight: Option<Spanned<usize>>,
+}
+
+/// A secret, or `{ login = { email = "...", password = { env = "..." } } }`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawToken {
+    pub env: Option<String>,
+    pub file: Option<String>,
+    pub value: Option<String>,
+    pub login: Option<Spanned<RawLogin>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLogin {
+    pub email: Spanned<String>,
+    pub password: Spanned<RawSecret>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -78,6 +98,8 @@ pub struct RawQueue {
     pub max_backoff: Option<Spanned<String>>,
     pub lease: Option<Spanned<String>>,
     pub max_retry_after: Option<Spanned<String>>,
+    pub max_age: Option<Spanned<String>>,
+    pub shutdown_grace: Option<Spanned<String>>,
 }
 
 /// `{ env = "NAME" }`, `{ file = "/path" }` or `{ value = "..." }`.

@@ -1,15 +1,20 @@
 //! The Convirza platform client (and, in `sim`, a fake of it).
 
 pub mod sim;
+pub mod token;
 
+pub use token::TokenProvider;
+
+use crate::clock::SharedClock;
 use crate::config::{PlatformConfig, TokenSource};
+use crate::store::Store;
 use reqwest::header::{HeaderMap, AUTHORIZATION, RETRY_AFTER};
 use reqwest::StatusCode;
 use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
-use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::{Mutex, Semaphore};
 
 /// Why a platform call failed: what the operator and the retry policy need.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -63,64 +68,71 @@ pub struct Reply {
     pub request_id: Option<String>,
 }
 
-/// The bearer token, re-read from its file after a 401 when it came from a file.
-#[derive(Clone)]
-pub struct TokenProvider {
-    current: Arc<RwLock<SecretString>>,
-    file: Option<PathBuf>,
-}
-
-impl TokenProvider {
-    pub fn new(source: &TokenSource) -> Self {
-        let (secret, file) = match source {
-            TokenSource::Static(s) => (s.clone(), None),
-            TokenSource::File(p, s) => (s.clone(), Some(p.clone())),
-        };
-        Self {
-            current: Arc::new(RwLock::new(secret)),
-            file,
-        }
-    }
-
-    fn header(&self) -> String {
-        let token = self.current.read().unwrap_or_else(|e| e.into_inner());
-        format!("Bearer {}", token.expose_secret())
-    }
-
-    /// After a 401: pick up a rotated token file. Returns whether the token changed.
-    pub fn refresh(&self) -> bool {
-        let Some(path) = &self.file else { return false };
-        let Ok(text) = std::fs::read_to_string(path) else {
-            return false;
-        };
-        let fresh = text.trim_end_matches(['\r', '\n']).to_string();
-        let mut cur = self.current.write().unwrap_or_else(|e| e.into_inner());
-        if fresh.is_empty() || fresh == cur.expose_secret() {
-            return false;
-        }
-        *cur = SecretString::from(fresh);
-        true
-    }
-}
-
 #[derive(Clone)]
 pub struct PlatformClient {
     http: reqwest::Client,
     base_url: String,
     token: TokenProvider,
+    limits: Arc<Limits>,
+}
+
+/// Requests per second and requests in flight toward the platform, across all workers.
+struct Limits {
+    interval: Option<Duration>,
+    next_slot: Mutex<tokio::time::Instant>,
+    in_flight: Option<Semaphore>,
+}
+
+impl Limits {
+    async fn acquire(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        if let Some(interval) = self.interval {
+            let slot = {
+                let mut next = self.next_slot.lock().await;
+                let slot = (*next).max(tokio::time::Instant::now());
+                *next = slot + interval;
+                slot
+            };
+            tokio::time::sleep_until(slot).await;
+        }
+        match &self.in_flight {
+            Some(sem) => sem.acquire().await.ok(),
+            None => None,
+        }
+    }
 }
 
 impl PlatformClient {
-    pub fn new(cfg: &PlatformConfig) -> anyhow::Result<Self> {
+    pub fn new(cfg: &PlatformConfig, store: Store, clock: SharedClock) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
             .user_agent(concat!("autopilot/", env!("CARGO_PKG_VERSION")))
             .build()?;
+        let token = match &cfg.token {
+            TokenSource::Static(s) => TokenProvider::fixed(s.clone()),
+            TokenSource::File(path, s) => TokenProvider::file(path.clone(), s.clone()),
+            TokenSource::Login { email, password } => TokenProvider::oauth(
+                token::OAuthSettings {
+                    url: cfg.oauth_url.clone(),
+                    email: email.clone(),
+                    password: password.clone(),
+                },
+                http.clone(),
+                store,
+                clock,
+            ),
+        };
         Ok(Self {
             http,
             base_url: cfg.base_url.clone(),
-            token: TokenProvider::new(&cfg.token),
+            token,
+            limits: Arc::new(Limits {
+                interval: cfg
+                    .requests_per_second
+                    .map(|r| Duration::from_secs_f64(1.0 / r)),
+                next_slot: Mutex::new(tokio::time::Instant::now()),
+                in_flight: cfg.max_in_flight.map(Semaphore::new),
+            }),
         })
     }
 
@@ -132,13 +144,37 @@ impl PlatformClient {
         format!("{}/ai-voice-agents/{id}", self.base_url)
     }
 
+    /// Sends with the current token; after a 401, renews the token once and resends. A
+    /// second 401 is final (it can mean "outside your scope", not only "expired").
+    async fn send_authed(
+        &self,
+        build: impl Fn(SecretString) -> reqwest::RequestBuilder,
+    ) -> Result<Reply, PlatformError> {
+        let token = self.token.bearer().await?;
+        let first = {
+            let _permit = self.limits.acquire().await;
+            read_reply(build(token.clone()).send().await, true).await
+        };
+        match first {
+            Err(e) if e.unauthorized() && self.token.after_unauthorized(&token).await => {
+                tracing::info!("401: retrying once with a renewed token");
+                let token = self.token.bearer().await?;
+                let _permit = self.limits.acquire().await;
+                read_reply(build(token).send().await, true).await
+            }
+            other => other,
+        }
+    }
+
     /// `GET /ai-voice-agents/{id}`: the agent's current settings.
     pub async fn get_agent(&self, id: i64) -> Result<Reply, PlatformError> {
-        let req = self
-            .http
-            .get(self.agent_url(id))
-            .header(AUTHORIZATION, self.token.header());
-        read_reply(req.send().await).await
+        let url = self.agent_url(id);
+        self.send_authed(|t| {
+            self.http
+                .get(&url)
+                .header(AUTHORIZATION, format!("Bearer {}", t.expose_secret()))
+        })
+        .await
     }
 
     /// `PATCH /ai-voice-agents/{id}` as multipart/form-data with the given fields.
@@ -147,21 +183,26 @@ impl PlatformClient {
         id: i64,
         fields: &[(String, String)],
     ) -> Result<Reply, PlatformError> {
-        let mut form = reqwest::multipart::Form::new();
-        for (k, v) in fields {
-            form = form.text(k.clone(), v.clone());
-        }
-        let req = self
-            .http
-            .patch(self.agent_url(id))
-            .header(AUTHORIZATION, self.token.header())
-            .multipart(form);
-        read_reply(req.send().await).await
+        let url = self.agent_url(id);
+        self.send_authed(|t| {
+            let mut form = reqwest::multipart::Form::new();
+            for (k, v) in fields {
+                form = form.text(k.clone(), v.clone());
+            }
+            self.http
+                .patch(&url)
+                .header(AUTHORIZATION, format!("Bearer {}", t.expose_secret()))
+                .multipart(form)
+        })
+        .await
     }
 }
 
+/// Reads a platform answer. With `envelope`, a success's `data` is the envelope's `data`;
+/// without, the whole body (the OAuth endpoints may answer flat).
 async fn read_reply(
     sent: Result<reqwest::Response, reqwest::Error>,
+    envelope: bool,
 ) -> Result<Reply, PlatformError> {
     let resp = match sent {
         Ok(r) => r,
@@ -185,7 +226,11 @@ async fn read_reply(
         return match json {
             Some(Value::Object(mut env)) => Ok(Reply {
                 status: status.as_u16(),
-                data: env.remove("data").unwrap_or(Value::Null),
+                data: if envelope {
+                    env.remove("data").unwrap_or(Value::Null)
+                } else {
+                    Value::Object(env)
+                },
                 request_id,
             }),
             _ => Err(PlatformError {

@@ -23,6 +23,8 @@ pub struct RetryPolicy {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     pub max_retry_after: Duration,
+    /// A job still failing this long after it was created is dead.
+    pub max_age: Duration,
 }
 
 impl RetryPolicy {
@@ -32,6 +34,7 @@ impl RetryPolicy {
             initial_backoff: q.initial_backoff,
             max_backoff: q.max_backoff,
             max_retry_after: q.max_retry_after,
+            max_age: q.max_age,
         }
     }
 
@@ -70,13 +73,21 @@ pub struct Queue {
     pub clock: SharedClock,
     pub policy: RetryPolicy,
     pub lease: Duration,
+    /// On shutdown, how long an in-flight PATCH may still take.
+    pub shutdown_grace: Duration,
     /// Woken when new jobs are committed.
     pub notify: Arc<Notify>,
 }
 
 impl Queue {
-    /// Claims and processes one job.
-    pub async fn run_once(&self, worker: &str) -> Result<Outcome, crate::store::StoreError> {
+    /// Claims and processes one job. After `cancel`, an in-flight job has
+    /// `shutdown_grace` to finish; then it is cut off and put back in line (the platform
+    /// may or may not have applied it: the attempt is counted and says so).
+    pub async fn run_once(
+        &self,
+        worker: &str,
+        cancel: &CancellationToken,
+    ) -> Result<Outcome, crate::store::StoreError> {
         let Some(job) = self
             .store
             .claim(worker, self.clock.now(), self.lease)
@@ -85,7 +96,28 @@ impl Queue {
             return Ok(Outcome::Idle);
         };
         let span = tracing::info_span!("job", job_id = job.id, rule = %job.rule, agent_id = job.agent_id, attempt = job.attempt);
-        let finish = self.process(&job).instrument(span.clone()).await;
+        let started_at = self.clock.now();
+        let grace = async {
+            cancel.cancelled().await;
+            tokio::time::sleep(self.shutdown_grace).await;
+        };
+        let finish = tokio::select! {
+            f = self.process(&job).instrument(span.clone()) => f,
+            _ = grace => {
+                span.in_scope(|| warn!("shutdown grace ran out mid-send; the job goes back in line"));
+                Finish {
+                    status: JobStatus::Pending,
+                    next_attempt_at: Some(self.clock.now()),
+                    http_status: None,
+                    error: Some("interrupted by shutdown; the platform may have applied it".into()),
+                    request_id: None,
+                    started_at,
+                    finished_at: self.clock.now(),
+                    new_state: None,
+                    attempted: true,
+                }
+            }
+        };
         let kept = self.store.finish(&job, &finish).await?;
         span.in_scope(|| {
             if !kept {
@@ -107,7 +139,7 @@ impl Queue {
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.run_once(&worker).await {
+            match self.run_once(&worker, &cancel).await {
                 Ok(Outcome::Worked) => continue,
                 Ok(Outcome::Idle) => {}
                 Err(e) => {
@@ -195,12 +227,7 @@ impl Queue {
             }
         }
         let form = set.form_fields(state.as_ref().and_then(|s| s.get("config")));
-        let mut result = self.client.patch_agent(job.agent_id, &form).await;
-        if matches!(&result, Err(e) if e.unauthorized()) && self.client.token().refresh() {
-            info!("401: token file changed; retrying once with the new token");
-            result = self.client.patch_agent(job.agent_id, &form).await;
-        }
-        match result {
+        match self.client.patch_agent(job.agent_id, &form).await {
             Ok(reply) => {
                 info!(
                     status = reply.status,
@@ -241,18 +268,26 @@ impl Queue {
 
     fn failed(&self, job: &ClaimedJob, started_at: DateTime<Utc>, e: PlatformError) -> Finish {
         let now = self.clock.now();
+        let deadline =
+            job.created_at + chrono::Duration::from_std(self.policy.max_age).unwrap_or_default();
+        let mut error = e.to_string();
         let (status, next) = if e.retryable() && job.attempt < self.policy.max_attempts {
             let delay = self
                 .policy
                 .delay(job.attempt, e.retry_after, &mut rand::rng());
-            (
-                JobStatus::Pending,
-                Some(now + chrono::Duration::from_std(delay).unwrap_or_default()),
-            )
+            let next = now + chrono::Duration::from_std(delay).unwrap_or_default();
+            if next > deadline {
+                error = format!(
+                    "gave up: still failing after max_age ({}); last error: {error}",
+                    humantime::format_duration(self.policy.max_age)
+                );
+                (JobStatus::Dead, None)
+            } else {
+                (JobStatus::Pending, Some(next))
+            }
         } else {
             (JobStatus::Dead, None)
         };
-        let mut error = e.to_string();
         if let Some(body) = e.body.as_deref().filter(|b| !b.is_empty()) {
             error.push_str(": ");
             error.push_str(body);
@@ -291,6 +326,7 @@ mod tests {
             initial_backoff: Duration::from_secs(1),
             max_backoff: Duration::from_secs(10),
             max_retry_after: Duration::from_secs(60),
+            max_age: Duration::from_secs(3600),
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         for attempt in 1..20 {

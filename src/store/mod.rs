@@ -117,6 +117,15 @@ pub struct NewJob {
     pub valid_until: Option<DateTime<Utc>>,
 }
 
+/// The platform's OAuth token pair.
+#[derive(Debug, Clone)]
+pub struct StoredTokens {
+    pub access_token: secrecy::SecretString,
+    pub refresh_token: secrecy::SecretString,
+    pub expires_at: DateTime<Utc>,
+    pub refresh_expires_at: DateTime<Utc>,
+}
+
 #[derive(Debug, Clone)]
 pub struct NewDelivery {
     pub source: String,
@@ -144,6 +153,7 @@ pub struct ClaimedJob {
     pub valid_until: Option<DateTime<Utc>>,
     /// Counting this one.
     pub attempt: u32,
+    pub created_at: DateTime<Utc>,
     pub lease_owner: String,
 }
 
@@ -172,6 +182,7 @@ pub enum JobStatus {
     Dead,
     Expired,
     Skipped,
+    Discarded,
 }
 
 impl JobStatus {
@@ -183,6 +194,7 @@ impl JobStatus {
             JobStatus::Dead => "dead",
             JobStatus::Expired => "expired",
             JobStatus::Skipped => "skipped",
+            JobStatus::Discarded => "discarded",
         }
     }
 }
@@ -197,7 +209,12 @@ impl FromStr for JobStatus {
             "dead" => JobStatus::Dead,
             "expired" => JobStatus::Expired,
             "skipped" => JobStatus::Skipped,
-            other => return Err(format!("unknown job status {other:?}")),
+            "discarded" => JobStatus::Discarded,
+            other => {
+                return Err(format!(
+                    "unknown job status {other:?}; use pending, leased, done, dead, expired, skipped or discarded"
+                ))
+            }
         })
     }
 }
@@ -323,6 +340,42 @@ impl Store {
         Ok(())
     }
 
+    // ---- platform tokens -----------------------------------------------------------
+
+    pub async fn load_tokens(&self) -> Result<Option<StoredTokens>> {
+        let row = sqlx::query(
+            "SELECT access_token, refresh_token, expires_at, refresh_expires_at FROM oauth_tokens WHERE id = 1",
+        )
+        .fetch_optional(&self.write)
+        .await?;
+        Ok(row.map(|r| StoredTokens {
+            access_token: r.get::<String, _>("access_token").into(),
+            refresh_token: r.get::<String, _>("refresh_token").into(),
+            expires_at: from_ms(r.get("expires_at")),
+            refresh_expires_at: from_ms(r.get("refresh_expires_at")),
+        }))
+    }
+
+    /// Replaces the stored pair in one statement (the old refresh token is already dead).
+    pub async fn save_tokens(&self, t: &StoredTokens, now: DateTime<Utc>) -> Result<()> {
+        use secrecy::ExposeSecret;
+        sqlx::query(
+            "INSERT INTO oauth_tokens (id, access_token, refresh_token, expires_at, refresh_expires_at, obtained_at)
+             VALUES (1, ?, ?, ?, ?, ?)
+             ON CONFLICT (id) DO UPDATE SET access_token = excluded.access_token,
+                 refresh_token = excluded.refresh_token, expires_at = excluded.expires_at,
+                 refresh_expires_at = excluded.refresh_expires_at, obtained_at = excluded.obtained_at",
+        )
+        .bind(t.access_token.expose_secret())
+        .bind(t.refresh_token.expose_secret())
+        .bind(ms(t.expires_at))
+        .bind(ms(t.refresh_expires_at))
+        .bind(ms(now))
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
     // ---- ingest ------------------------------------------------------------------
 
     /// Stores a delivery and the runs and jobs it caused, in one transaction. A delivery
@@ -443,7 +496,7 @@ impl Store {
                         AND l.status = 'leased' AND l.lease_until > ?3)
                 ORDER BY j.next_attempt_at, j.id
                 LIMIT 1)
-             RETURNING id, run_id, agent_id, fields, guard, valid_until, attempts,
+             RETURNING id, run_id, agent_id, fields, guard, valid_until, attempts, created_at,
                        (SELECT rule FROM rule_runs r WHERE r.id = run_id) AS rule",
         )
         .bind(owner)
@@ -462,6 +515,7 @@ impl Store {
             guard: guard.map(|g| serde_json::from_str(&g)).transpose()?,
             valid_until: r.get::<Option<i64>, _>("valid_until").map(from_ms),
             attempt: r.get::<i64, _>("attempts") as u32,
+            created_at: from_ms(r.get("created_at")),
             lease_owner: owner.to_string(),
         }))
     }
@@ -544,6 +598,78 @@ impl Store {
         .fetch_one(&self.read)
         .await?;
         Ok(v.map(from_ms))
+    }
+
+    // ---- operator actions (work beside a running daemon) ----------------------------
+
+    /// Puts a finished-but-failed job back in line: attempts start again from zero (the
+    /// old attempts stay in `job_attempts`) and its `valid_until` is dropped, because an
+    /// operator asked for it. Errors name the job's status when it cannot be retried.
+    pub async fn retry_job(&self, id: i64, now: DateTime<Utc>) -> Result<Result<(), String>> {
+        let mut tx = self.begin().await?;
+        let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let verdict = match status.as_deref() {
+            None => Err(format!("no job {id}")),
+            Some("dead" | "expired" | "skipped" | "discarded") => {
+                sqlx::query(
+                    "UPDATE jobs SET status = 'pending', attempts = 0, next_attempt_at = ?,
+                            valid_until = NULL, last_error = 'retried by operator; last error: ' || COALESCE(last_error, 'none'),
+                            updated_at = ?
+                     WHERE id = ?",
+                )
+                .bind(ms(now))
+                .bind(ms(now))
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+                Ok(())
+            }
+            Some(other) => Err(format!(
+                "job {id} is {other}; only dead, expired, skipped or discarded jobs can be retried"
+            )),
+        };
+        tx.commit().await?;
+        Ok(verdict)
+    }
+
+    /// Retries every dead job; returns their ids.
+    pub async fn retry_all_dead(&self, now: DateTime<Utc>) -> Result<Vec<i64>> {
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "UPDATE jobs SET status = 'pending', attempts = 0, next_attempt_at = ?1, valid_until = NULL,
+                    last_error = 'retried by operator; last error: ' || COALESCE(last_error, 'none'),
+                    updated_at = ?1
+             WHERE status = 'dead' RETURNING id",
+        )
+        .bind(ms(now))
+        .fetch_all(&self.write)
+        .await?;
+        Ok(ids)
+    }
+
+    /// Gives up on a job that is not in flight: it is never sent.
+    pub async fn discard_job(&self, id: i64, now: DateTime<Utc>) -> Result<Result<(), String>> {
+        let mut tx = self.begin().await?;
+        let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let verdict = match status.as_deref() {
+            None => Err(format!("no job {id}")),
+            Some("pending" | "dead" | "expired" | "skipped") => {
+                sqlx::query("UPDATE jobs SET status = 'discarded', updated_at = ? WHERE id = ?")
+                    .bind(ms(now))
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                Ok(())
+            }
+            Some(other) => Err(format!("job {id} is {other}; it cannot be discarded now")),
+        };
+        tx.commit().await?;
+        Ok(verdict)
     }
 
     // ---- inspection ----------------------------------------------------------------
