@@ -396,8 +396,8 @@ async fn jobs(action: JobsAction) -> anyhow::Result<()> {
                 return Ok(());
             }
             println!(
-                "{:>6}  {:<9}  {:>8}  {:<28}  {:>3}  {:>4}  {:<20}  {}",
-                "ID", "STATUS", "AGENT", "RULE", "TRY", "HTTP", "UPDATED (UTC)", "LAST ERROR"
+                "{:>6}  {:<9}  {:>8}  {:<28}  {:>3}  {:>4}  {:<20}  LAST ERROR",
+                "ID", "STATUS", "AGENT", "RULE", "TRY", "HTTP", "UPDATED (UTC)"
             );
             for j in &jobs {
                 println!(
