@@ -96,3 +96,76 @@ fn check_on_shipped_config_without_secrets_names_each_missing_variable() {
         );
     }
 }
+
+#[tokio::test]
+async fn jobs_cli_lists_retries_and_discards_beside_a_running_daemon() {
+    use crate::helpers::*;
+    let t = spawn().await;
+    // Agent 999 does not exist: its job dies with a 404.
+    let body = serde_json::json!({"event": "post_call", "call_id": 1, "indicators": {"lead_quality": 99},
+        "ai_voice_agent_id": 999, "static": {"auth_token": STATIC_SECRET}});
+    assert_eq!(t.post_json("convirza", &body).await.status(), 202);
+    t.settle().await;
+    let db = t.db_path();
+    let run = |args: &[&str]| {
+        let out = autopilot()
+            .args(args)
+            .arg("--db")
+            .arg(&db)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, out, _) = run(&["jobs", "list", "--status", "dead", "--json"]);
+    assert_eq!(code, Some(0));
+    let dead: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["last_status"], 404);
+    let id = dead[0]["id"].as_i64().unwrap().to_string();
+
+    let (code, out, _) = run(&["jobs", "list"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("dead") && out.contains("note hot leads") && out.contains("1 job(s)"),
+        "{out}"
+    );
+
+    // Retry: the running daemon picks it up again (and it dies again: still a 404).
+    let (code, out, err) = run(&["jobs", "retry", &id]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("back in line"));
+    eventually("the retried job is sent again", || async {
+        t.patches().await.len() == 2
+    })
+    .await;
+    t.settle().await;
+    let attempts = t
+        .store()
+        .attempts(dead[0]["id"].as_i64().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(attempts.len(), 2, "both attempts stay in the audit");
+
+    let (code, _, err) = run(&["jobs", "discard", &id]);
+    assert_eq!(code, Some(0), "{err}");
+    let (code, out, _) = run(&["jobs", "list", "--status", "discarded", "--json"]);
+    assert_eq!((code, out.lines().count()), (Some(0), 1));
+
+    // Clear refusals.
+    let (code, _, err) = run(&["jobs", "retry", "4242"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("no job 4242"), "{err}");
+    let (code, _, err) = run(&["jobs", "list", "--status", "deadd"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("unknown job status \"deadd\""), "{err}");
+    let (code, out, _) = run(&["jobs", "retry", "--all-dead"]);
+    assert_eq!(code, Some(0));
+    assert!(out.contains("0 dead job(s)"), "{out}");
+}

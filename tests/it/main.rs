@@ -4,6 +4,7 @@
 mod helpers;
 
 mod cli;
+mod crash;
 mod queue;
 mod schedule;
 mod webhooks;
