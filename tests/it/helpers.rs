@@ -84,6 +84,8 @@ pub struct Options {
     pub queue: String,
     pub manual_clock: Option<chrono::DateTime<chrono::Utc>>,
     pub sim: SimOptions,
+    /// Extra keys for the [platform] table.
+    pub platform_extra: String,
 }
 
 impl Default for Options {
@@ -93,6 +95,7 @@ impl Default for Options {
             queue: "workers = 4\nmax_attempts = 5\ninitial_backoff = \"20ms\"\nmax_backoff = \"100ms\"\n".into(),
             manual_clock: None,
             sim: SimOptions::default(),
+            platform_extra: String::new(),
         }
     }
 }
@@ -109,8 +112,9 @@ pub async fn spawn_with(opts: Options) -> TestApp {
     let sim_cancel = CancellationToken::new();
     tokio::spawn(sim.serve(listener, sim_cancel.clone()));
     let config_text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[database]\npath = {:?}\n[platform]\nbase_url = \"http://{sim_addr}/v3\"\ntoken = {{ value = \"sim-token\" }}\ntimeout = \"2s\"\n[queue]\n{}\n{}",
+        "[server]\nlisten = \"127.0.0.1:0\"\n[database]\npath = {:?}\n[platform]\nbase_url = \"http://{sim_addr}/v3\"\ntoken = {{ value = \"sim-token\" }}\ntimeout = \"2s\"\n{}[queue]\n{}\n{}",
         dir.path().join("test.db").display().to_string(),
+        opts.platform_extra,
         opts.queue,
         opts.rules
     );

@@ -270,3 +270,103 @@ async fn graceful_shutdown_then_restart_keeps_pending_jobs() {
     assert_eq!(jobs[0].status, "done");
     assert_eq!(jobs[0].attempts, 2);
 }
+
+#[tokio::test]
+async fn shutdown_lets_an_in_flight_patch_finish() {
+    let mut t = spawn().await;
+    t.store()
+        .save_agent_state(101, &json!({"status": "active"}), "get", chrono::Utc::now())
+        .await
+        .unwrap();
+    t.fault(json!({"delay_ms": 800, "count": 1})).await;
+    assert_eq!(
+        t.post_json("convirza", &abandoned(1, 101)).await.status(),
+        202
+    );
+    eventually("the PATCH is in flight", || async {
+        t.store().jobs(Some("leased"), None).await.unwrap().len() == 1
+    })
+    .await;
+    t.shutdown().await;
+    let store = autopilot::store::Store::open(&t.db_path()).await.unwrap();
+    let jobs = store.jobs(None, None).await.unwrap();
+    store.close().await;
+    assert_eq!(
+        jobs[0].status, "done",
+        "the in-flight PATCH finished before exit"
+    );
+}
+
+#[tokio::test]
+async fn shutdown_grace_cuts_off_a_slow_patch_and_requeues_it() {
+    let mut t = spawn_with(Options {
+        queue: "workers = 1\nmax_attempts = 5\ninitial_backoff = \"20ms\"\nmax_backoff = \"100ms\"\nshutdown_grace = \"100ms\"\n".into(),
+        ..Options::default()
+    })
+    .await;
+    t.store()
+        .save_agent_state(101, &json!({"status": "active"}), "get", chrono::Utc::now())
+        .await
+        .unwrap();
+    t.fault(json!({"delay_ms": 1500, "count": 1})).await;
+    assert_eq!(
+        t.post_json("convirza", &abandoned(1, 101)).await.status(),
+        202
+    );
+    eventually("the PATCH is in flight", || async {
+        t.store().jobs(Some("leased"), None).await.unwrap().len() == 1
+    })
+    .await;
+    t.shutdown().await;
+    let store = autopilot::store::Store::open(&t.db_path()).await.unwrap();
+    let jobs = store.jobs(None, None).await.unwrap();
+    store.close().await;
+    assert_eq!(jobs[0].status, "pending");
+    assert!(jobs[0]
+        .last_error
+        .as_deref()
+        .unwrap()
+        .contains("interrupted by shutdown"));
+    // The next start sends it at once (no lease to wait out).
+    t.start().await;
+    t.settle().await;
+    assert_eq!(t.store().jobs(None, None).await.unwrap()[0].status, "done");
+}
+
+#[tokio::test]
+async fn requests_per_second_spaces_out_patches() {
+    let t = spawn_with(Options {
+        rules: step_rules(1),
+        queue:
+            "workers = 8\nmax_attempts = 5\ninitial_backoff = \"20ms\"\nmax_backoff = \"100ms\"\n"
+                .into(),
+        platform_extra: "requests_per_second = 20\n".into(),
+        ..Options::default()
+    })
+    .await;
+    for agent in 101..=110 {
+        let r = t
+            .http
+            .post(format!("http://{}/webhooks/s?key=k", t.addr))
+            .json(&json!({"id": agent, "step": 0, "agent": agent}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    t.settle().await;
+    let mut at: Vec<_> = t
+        .patches()
+        .await
+        .iter()
+        .map(|p| chrono::DateTime::parse_from_rfc3339(p["at"].as_str().unwrap()).unwrap())
+        .collect();
+    at.sort();
+    // 10 requests at 20/s take at least 9 intervals of 50 ms.
+    assert_eq!(at.len(), 10);
+    assert!(
+        at[9] - at[0] >= chrono::Duration::milliseconds(430),
+        "{:?}",
+        at[9] - at[0]
+    );
+}
