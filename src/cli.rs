@@ -258,7 +258,11 @@ async fn sim(listen: SocketAddr, token: String, agents: Option<PathBuf>) -> anyh
         Some(p) => Some(Simulator::load_agents_file(&p)?),
         None => None,
     };
-    let sim = Simulator::new(SimOptions { token, agents });
+    let sim = Simulator::new(SimOptions {
+        token,
+        agents,
+        ..SimOptions::default()
+    });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;

@@ -156,7 +156,10 @@ impl PlatformClient {
             read_reply(build(token.clone()).send().await, true).await
         };
         match first {
-            Err(e) if e.unauthorized() && self.token.after_unauthorized(&token).await => {
+            Err(e) if e.unauthorized() => {
+                if !self.token.after_unauthorized(&token).await? {
+                    return Err(e);
+                }
                 tracing::info!("401: retrying once with a renewed token");
                 let token = self.token.bearer().await?;
                 let _permit = self.limits.acquire().await;

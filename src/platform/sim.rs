@@ -4,8 +4,17 @@
 //! full update), checks the bearer token, answers with the documented envelope and records
 //! every `/v3` request it receives (including rejected ones) so tests can assert on what
 //! actually arrived. Test-control endpoints under `/_sim` (no auth) read the log and the
-//! agents and queue faults: error statuses, `Retry-After`, and delays after which the
-//! request is still applied, as a real platform would after a client gave up waiting.
+//! agents and queue faults: error statuses, `Retry-After`, delays after which the request
+//! is still applied, as a real platform would after a client gave up waiting, and dropped
+//! connections (applied, then the response body breaks off).
+//!
+//! It also serves the platform's OAuth host on the same port, without the `/v3` prefix:
+//! `POST /oauth/token` (email and password; at most [`LOGIN_RATE_LIMIT`] calls a minute),
+//! `POST /oauth/refresh-token` (single-use refresh tokens) and `POST /oauth/revoke-token`.
+//! Issued access tokens are accepted on `/v3` beside the static token. `/oauth` requests
+//! are faulted and recorded like `/v3` ones, but their log entries never hold a password
+//! or a token. `/_sim/oauth` reads the OAuth counters, `/_sim/oauth/expire` expires issued
+//! tokens and `/_sim/oauth/shape` switches token responses between flat and enveloped.
 //!
 //! Where the public documentation is silent the simulator takes the pessimistic reading and
 //! says so in a comment (for example `config` is replaced whole, never merged).
@@ -13,10 +22,10 @@
 //! Locking: one `std::sync::Mutex` around the state, only ever held for short synchronous
 //! sections, never across an `.await`.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context as _};
 use axum::body::{Body, Bytes};
@@ -25,9 +34,9 @@ use axum::http::header::{self, HeaderMap, HeaderValue};
 use axum::http::request::Parts;
 use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
-use axum::Router;
-use chrono::{DateTime, SecondsFormat, Utc};
+use axum::routing::{get, post};
+use axum::{RequestExt as _, Router};
+use chrono::{DateTime, SecondsFormat, SubsecRound as _, TimeDelta, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use tokio::sync::broadcast;
@@ -36,6 +45,22 @@ use uuid::Uuid;
 
 /// The bearer token the simulator accepts unless told otherwise.
 pub const DEFAULT_TOKEN: &str = "sim-token";
+/// The email `POST /oauth/token` accepts unless told otherwise.
+pub const DEFAULT_LOGIN_EMAIL: &str = "ops@example.com";
+/// The password `POST /oauth/token` accepts unless told otherwise.
+pub const DEFAULT_LOGIN_PASSWORD: &str = "sim-password";
+/// Lifetime of an issued access token unless told otherwise (the documented 7 days).
+pub const DEFAULT_ACCESS_TTL: Duration = Duration::from_secs(7 * 24 * 60 * 60);
+/// Lifetime of an issued refresh token unless told otherwise (the documented 180 days).
+pub const DEFAULT_REFRESH_TTL: Duration = Duration::from_secs(180 * 24 * 60 * 60);
+/// How many `POST /oauth/token` calls the simulator admits within any [`LOGIN_RATE_WINDOW`]
+/// (the documented "10 requests per minute per IP"); the next one is answered 429 with
+/// `Retry-After`. Every admitted call counts, failed logins included; calls answered 429
+/// do not. The platform counts per IP; the simulator counts for all its clients together
+/// (in tests they share one address anyway).
+pub const LOGIN_RATE_LIMIT: usize = 10;
+/// The sliding window of [`LOGIN_RATE_LIMIT`].
+pub const LOGIN_RATE_WINDOW: Duration = Duration::from_secs(60);
 
 /// Largest request body the simulator reads (multipart uploads included).
 const MAX_BODY_BYTES: usize = 16 * 1024 * 1024;
@@ -47,6 +72,9 @@ const MAX_FAULT_DELAY_MS: u64 = 10 * 60 * 1000;
 const BROADCAST_CAPACITY: usize = 4096;
 /// Longest user-supplied value quoted back in an error message.
 const MAX_QUOTED_CHARS: usize = 80;
+/// axum's request-body limit when none is configured (documented on `DefaultBodyLimit`);
+/// see [`failing_body`].
+const AXUM_DEFAULT_BODY_LIMIT: usize = 2 * 1024 * 1024;
 
 /// Form fields the documented partial update accepts (plus `status`, per the page's use case).
 const ALLOWED_FIELDS: [&str; 13] = [
@@ -72,12 +100,23 @@ const INTEGER_FIELDS: [&str; 3] = ["voice_id", "max_call_duration", "notificatio
 /// How a simulator starts.
 #[derive(Clone, Debug)]
 pub struct SimOptions {
-    /// The only bearer token accepted on `/v3`.
+    /// The static bearer token accepted on `/v3` (it never expires). Access tokens issued
+    /// by `/oauth/token` and `/oauth/refresh-token` are accepted too while they are valid.
     pub token: String,
     /// Agents to start with; `None` seeds agents 101, 102 and 103. Missing fields are filled
     /// from the seed template; entries without an integer `id` are skipped with a warning
     /// (use [`Simulator::load_agents_file`] to get a precise error instead).
     pub agents: Option<Vec<Value>>,
+    /// The `(email, password)` that `POST /oauth/token` accepts (compared exactly);
+    /// `None` disables logging in (every login is answered 401).
+    pub login: Option<(String, String)>,
+    /// Lifetime of issued access tokens.
+    pub access_ttl: Duration,
+    /// Lifetime of issued refresh tokens.
+    pub refresh_ttl: Duration,
+    /// Start with token responses wrapped in the `{code, message, data, ...}` envelope
+    /// instead of flat (switchable at run time with `POST /_sim/oauth/shape`).
+    pub enveloped_tokens: bool,
 }
 
 impl Default for SimOptions {
@@ -85,11 +124,18 @@ impl Default for SimOptions {
         Self {
             token: DEFAULT_TOKEN.to_owned(),
             agents: None,
+            login: Some((
+                DEFAULT_LOGIN_EMAIL.to_owned(),
+                DEFAULT_LOGIN_PASSWORD.to_owned(),
+            )),
+            access_ttl: DEFAULT_ACCESS_TTL,
+            refresh_ttl: DEFAULT_REFRESH_TTL,
+            enveloped_tokens: false,
         }
     }
 }
 
-/// One `/v3` request as the simulator received and answered it.
+/// One `/v3` or `/oauth` request as the simulator received and answered it.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RecordedRequest {
     /// 1-based, in the order requests completed.
@@ -101,12 +147,15 @@ pub struct RecordedRequest {
     pub path: String,
     /// Multipart form fields received: a repeated name maps to a JSON array, a single one to
     /// its value; text parts are strings (lossy UTF-8), file parts `{"filename": "..."}`.
-    /// Empty for non-multipart requests.
+    /// Empty for non-multipart requests. For `/oauth` requests only non-secret values are
+    /// kept: `{"email": ...}` for `/oauth/token`, nothing otherwise (never a password or a
+    /// token).
     pub fields: Map<String, Value>,
     /// The HTTP status the simulator answered.
     pub status: u16,
     pub request_id: Option<String>,
-    /// The fault applied to this request, e.g. `"status 500"` or `"delay 3000ms"`.
+    /// The fault applied to this request, e.g. `"status 500"`, `"delay 3000ms"` or
+    /// `"drop"` (then `status` is what the simulator would have answered).
     pub fault: Option<String>,
 }
 
@@ -118,6 +167,9 @@ pub struct Simulator {
 
 struct Shared {
     token: String,
+    login: Option<(String, String)>,
+    access_ttl: Duration,
+    refresh_ttl: Duration,
     state: Mutex<SimState>,
     events: broadcast::Sender<RecordedRequest>,
     /// Cancelled when a `serve` call is told to stop: cuts pending fault delays short.
@@ -130,6 +182,72 @@ struct SimState {
     requests: Vec<RecordedRequest>,
     faults: VecDeque<Fault>,
     next_seq: u64,
+    oauth: OAuthState,
+}
+
+/// Issued tokens and OAuth counters. A token is valid while it is in its map and the clock
+/// is before its expiry; revoking or using (refresh) a token removes it.
+#[derive(Default)]
+struct OAuthState {
+    /// Access token -> expiry.
+    access: HashMap<String, DateTime<Utc>>,
+    /// Unused, unrevoked refresh token -> expiry.
+    refresh: HashMap<String, DateTime<Utc>>,
+    /// When each admitted `/oauth/token` call arrived, oldest first, within the rate window.
+    login_calls: VecDeque<Instant>,
+    /// Successful calls.
+    logins: u64,
+    refreshes: u64,
+    revokes: u64,
+    /// Token responses are wrapped in the envelope (otherwise flat).
+    enveloped: bool,
+}
+
+impl OAuthState {
+    fn access_token_valid(&self, token: &str) -> bool {
+        self.access
+            .get(token)
+            .is_some_and(|expires| Utc::now() < *expires)
+    }
+
+    /// Admits one login call, or says in how many whole seconds the next one would be.
+    fn admit_login(&mut self) -> Result<(), u64> {
+        let now = Instant::now();
+        while self
+            .login_calls
+            .front()
+            .is_some_and(|at| now.duration_since(*at) >= LOGIN_RATE_WINDOW)
+        {
+            self.login_calls.pop_front();
+        }
+        if self.login_calls.len() >= LOGIN_RATE_LIMIT {
+            let oldest = self.login_calls.front().copied().unwrap_or(now);
+            let wait = LOGIN_RATE_WINDOW.saturating_sub(now.duration_since(oldest));
+            // Round up: a client that waits exactly `Retry-After` seconds gets in.
+            let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+            return Err(secs.max(1));
+        }
+        self.login_calls.push_back(now);
+        Ok(())
+    }
+
+    /// Issues a new access and refresh token and returns the token response body.
+    fn issue_pair(&mut self, access_ttl: Duration, refresh_ttl: Duration) -> Value {
+        let now = Utc::now();
+        let access_token = new_token();
+        let refresh_token = new_token();
+        let access_expires = expiry(now, access_ttl);
+        let refresh_expires = expiry(now, refresh_ttl);
+        self.access.insert(access_token.clone(), access_expires);
+        self.refresh.insert(refresh_token.clone(), refresh_expires);
+        json!({
+            "access_token": access_token,
+            "refresh_token": refresh_token,
+            "token_type": "Bearer",
+            "expires_in": rfc3339_millis(access_expires),
+            "refresh_expires_in": rfc3339_millis(refresh_expires),
+        })
+    }
 }
 
 /// A queued fault, as posted to `/_sim/faults` (after validation).
@@ -141,8 +259,14 @@ struct Fault {
     retry_after: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     delay_ms: Option<u64>,
+    /// Apply the request, then break the response body off (the client sees an error).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    drop: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     path_contains: Option<String>,
+    /// Applies to a matching request only with this probability (a miss does not use it up).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    probability: Option<f64>,
     /// How many more matching requests this fault applies to.
     count: u64,
 }
@@ -165,6 +289,9 @@ impl Fault {
                 None => parts.push(format!("status {status}")),
             }
         }
+        if self.drop {
+            parts.push("drop".to_owned());
+        }
         parts.join(", ")
     }
 }
@@ -176,14 +303,24 @@ struct FaultSpec {
     status: Option<u16>,
     retry_after: Option<u64>,
     delay_ms: Option<u64>,
+    drop: Option<bool>,
     path_contains: Option<String>,
+    probability: Option<f64>,
     count: Option<u64>,
 }
 
 impl FaultSpec {
     fn validate(self) -> Result<Fault, String> {
-        if self.status.is_none() && self.delay_ms.is_none() {
-            return Err("a fault needs `status` and/or `delay_ms`".to_owned());
+        let drop = self.drop.unwrap_or(false);
+        if self.status.is_none() && self.delay_ms.is_none() && !drop {
+            return Err("a fault needs `status`, `delay_ms` and/or `drop: true`".to_owned());
+        }
+        if drop && self.status.is_some() {
+            return Err(
+                "`drop` cannot be combined with `status`: a dropped request is applied and \
+                 answered normally, then the connection breaks"
+                    .to_owned(),
+            );
         }
         if let Some(status) = self.status {
             if !(400..=599).contains(&status) {
@@ -202,6 +339,11 @@ impl FaultSpec {
                 ));
             }
         }
+        if let Some(p) = self.probability {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(format!("`probability` must be in (0, 1], got {p}"));
+            }
+        }
         let count = self.count.unwrap_or(1);
         if count == 0 {
             return Err("`count` must be at least 1".to_owned());
@@ -210,7 +352,9 @@ impl FaultSpec {
             status: self.status,
             retry_after: self.retry_after,
             delay_ms: self.delay_ms,
+            drop,
             path_contains: self.path_contains,
+            probability: self.probability,
             count,
         })
     }
@@ -243,8 +387,15 @@ impl Simulator {
         Self {
             shared: Arc::new(Shared {
                 token: opts.token,
+                login: opts.login,
+                access_ttl: opts.access_ttl,
+                refresh_ttl: opts.refresh_ttl,
                 state: Mutex::new(SimState {
                     agents,
+                    oauth: OAuthState {
+                        enveloped: opts.enveloped_tokens,
+                        ..OAuthState::default()
+                    },
                     ..SimState::default()
                 }),
                 events,
@@ -253,7 +404,7 @@ impl Simulator {
         }
     }
 
-    /// The full router (`/v3` API and `/_sim` controls), state applied.
+    /// The full router (`/v3` API, `/oauth` host and `/_sim` controls), state applied.
     pub fn router(&self) -> Router {
         Router::new()
             .route("/_sim/requests", get(sim_requests))
@@ -264,9 +415,12 @@ impl Simulator {
                     .delete(sim_clear_faults),
             )
             .route("/_sim/agents/{id}", get(sim_agent))
-            // Everything else, `/v3` included, lands here: the simulator routes `/v3`
-            // itself so that every request under it (unknown paths and methods too) is
-            // recorded, faulted and answered with the envelope.
+            .route("/_sim/oauth", get(sim_oauth_stats))
+            .route("/_sim/oauth/expire", post(sim_oauth_expire))
+            .route("/_sim/oauth/shape", post(sim_oauth_shape))
+            // Everything else, `/v3` and `/oauth` included, lands here: the simulator routes
+            // them itself so that every request under them (unknown paths and methods too)
+            // is recorded, faulted and answered with the envelope.
             .fallback(fallback)
             .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
             .with_state(self.clone())
@@ -288,7 +442,7 @@ impl Simulator {
             .await
     }
 
-    /// Every `/v3` request recorded so far, in completion order.
+    /// Every `/v3` and `/oauth` request recorded so far, in completion order.
     pub fn requests(&self) -> Vec<RecordedRequest> {
         self.lock().requests.clone()
     }
@@ -342,10 +496,13 @@ impl Simulator {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Takes one use of the first queued fault matching `path` (FIFO).
+    /// Takes one use of the first queued fault matching `path` (FIFO). A fault with a
+    /// `probability` is passed over (and not used up) when its roll misses.
     fn take_fault(&self, path: &str) -> Option<Fault> {
         let mut state = self.lock();
-        let index = state.faults.iter().position(|f| f.matches(path))?;
+        let index = state.faults.iter().position(|f| {
+            f.matches(path) && f.probability.is_none_or(|p| rand::random::<f64>() < p)
+        })?;
         let fault = state.faults.get_mut(index)?;
         fault.count -= 1;
         let taken = fault.clone();
@@ -372,7 +529,8 @@ impl Simulator {
         let _ = self.shared.events.send(rec);
     }
 
-    /// Handles one `/v3` request to completion: fault, auth, routing, recording.
+    /// Handles one `/v3` or `/oauth` request to completion: fault, auth, routing,
+    /// recording.
     async fn process(
         self,
         parts: Parts,
@@ -381,50 +539,72 @@ impl Simulator {
         at: DateTime<Utc>,
     ) -> Response {
         let path = parts.uri.path().to_owned();
-        let body = read_body(&parts, body).await;
+        let incoming = if is_oauth_path(&path) {
+            Incoming::OAuth(parse_json_object(body))
+        } else {
+            Incoming::V3(read_body(&parts, body).await)
+        };
         let fault = self.take_fault(&path);
-        let reply = self.answer(&parts, &body, fault.as_ref()).await;
+        let reply = match self.apply_fault(fault.as_ref()).await {
+            Some(reply) => reply,
+            None => match &incoming {
+                Incoming::V3(body) => self.answer_v3(&parts, body),
+                Incoming::OAuth(body) => self.answer_oauth(&parts.method, &path, body),
+            },
+        };
+        let fields = match &incoming {
+            Incoming::V3(body) => body.recorded_fields(),
+            Incoming::OAuth(body) => oauth_recorded_fields(&path, body),
+        };
+        let dropped = fault.as_ref().is_some_and(|f| f.drop);
         self.record(RecordedRequest {
             seq: 0,
             at,
             method: parts.method.to_string(),
             path,
-            fields: body.recorded_fields(),
+            fields,
             status: reply.status.as_u16(),
             request_id: Some(request_id.clone()),
             fault: fault.as_ref().map(Fault::describe),
         });
-        reply.into_response_with(&request_id)
+        let response = reply.into_response_with(&request_id);
+        if dropped {
+            break_body(response)
+        } else {
+            response
+        }
     }
 
-    async fn answer(&self, parts: &Parts, body: &BodyInfo, fault: Option<&Fault>) -> Reply {
-        if let Some(fault) = fault {
-            if let Some(ms) = fault.delay_ms {
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(ms)) => {}
-                    () = self.shared.shutdown.cancelled() => {
-                        return Reply::error(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "the simulator is shutting down",
-                        );
-                    }
+    /// Waits out a fault's delay; returns the reply that replaces the real one, if any (a
+    /// status fault, or shutdown during the delay).
+    async fn apply_fault(&self, fault: Option<&Fault>) -> Option<Reply> {
+        let fault = fault?;
+        if let Some(ms) = fault.delay_ms {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(ms)) => {}
+                () = self.shared.shutdown.cancelled() => {
+                    return Some(Reply::error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the simulator is shutting down",
+                    ));
                 }
             }
-            if let Some(status) = fault.status {
-                let code =
-                    StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                let mut reply = Reply::error(
-                    code,
-                    format!(
-                        "simulated fault: {status} {}",
-                        code.canonical_reason().unwrap_or("")
-                    )
-                    .trim_end(),
-                );
-                reply.retry_after = fault.retry_after;
-                return reply;
-            }
         }
+        let status = fault.status?;
+        let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut reply = Reply::error(
+            code,
+            format!(
+                "simulated fault: {status} {}",
+                code.canonical_reason().unwrap_or("")
+            )
+            .trim_end(),
+        );
+        reply.retry_after = fault.retry_after;
+        Some(reply)
+    }
+
+    fn answer_v3(&self, parts: &Parts, body: &BodyInfo) -> Reply {
         if let Err(reply) = self.check_auth(&parts.headers) {
             return reply;
         }
@@ -450,10 +630,114 @@ impl Simulator {
         if !scheme.eq_ignore_ascii_case("bearer") {
             return Err(Reply::unauthorized("Authorization scheme must be Bearer"));
         }
-        if token.trim() != self.shared.token {
+        let token = token.trim();
+        if token != self.shared.token && !self.lock().oauth.access_token_valid(token) {
             return Err(Reply::unauthorized("invalid or expired bearer token"));
         }
         Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------
+    // OAuth host
+
+    fn answer_oauth(&self, method: &Method, path: &str, body: &JsonBody) -> Reply {
+        if !matches!(
+            path,
+            "/oauth/token" | "/oauth/refresh-token" | "/oauth/revoke-token"
+        ) {
+            return Reply::error(
+                StatusCode::NOT_FOUND,
+                format!("no such endpoint: {}", quote(path)),
+            );
+        }
+        if *method != Method::POST {
+            return Reply::method_not_allowed(method, path, "POST");
+        }
+        match path {
+            "/oauth/token" => self.login(body),
+            "/oauth/refresh-token" => self.refresh(body),
+            _ => self.revoke(body),
+        }
+    }
+
+    /// `POST /oauth/token`: rate limited first (every admitted call counts, whatever its
+    /// outcome), then the body is checked, then the credentials.
+    fn login(&self, body: &JsonBody) -> Reply {
+        let admitted = self.lock().oauth.admit_login();
+        if let Err(secs) = admitted {
+            let mut reply = Reply::error(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "too many login requests: at most {LOGIN_RATE_LIMIT} per {}s; retry in {secs}s",
+                    LOGIN_RATE_WINDOW.as_secs()
+                ),
+            );
+            reply.retry_after = Some(secs);
+            return reply;
+        }
+        let credentials = body.as_ref().map_err(String::clone).and_then(|object| {
+            Ok((
+                required_string(object, "email")?,
+                required_string(object, "password")?,
+            ))
+        });
+        let (email, password) = match credentials {
+            Ok(credentials) => credentials,
+            Err(message) => return Reply::error(StatusCode::BAD_REQUEST, message),
+        };
+        let Some((want_email, want_password)) = &self.shared.login else {
+            return Reply::unauthorized("logging in with email and password is disabled");
+        };
+        if email != want_email || password != want_password {
+            return Reply::unauthorized("invalid email or password");
+        }
+        let mut state = self.lock();
+        state.oauth.logins += 1;
+        let pair = state
+            .oauth
+            .issue_pair(self.shared.access_ttl, self.shared.refresh_ttl);
+        Reply::shaped(pair, state.oauth.enveloped)
+    }
+
+    /// `POST /oauth/refresh-token`: the refresh token dies at once (single use); the access
+    /// token issued with it lives on until it expires.
+    fn refresh(&self, body: &JsonBody) -> Reply {
+        let token = match body
+            .as_ref()
+            .map_err(String::clone)
+            .and_then(|object| required_string(object, "refresh_token"))
+        {
+            Ok(token) => token,
+            Err(message) => return Reply::error(StatusCode::BAD_REQUEST, message),
+        };
+        let mut state = self.lock();
+        match state.oauth.refresh.remove(token) {
+            Some(expires) if Utc::now() < expires => {}
+            _ => return Reply::unauthorized("invalid, already used or expired refresh token"),
+        }
+        state.oauth.refreshes += 1;
+        let pair = state
+            .oauth
+            .issue_pair(self.shared.access_ttl, self.shared.refresh_ttl);
+        Reply::shaped(pair, state.oauth.enveloped)
+    }
+
+    /// `POST /oauth/revoke-token`: idempotent; the answer does not say whether the token
+    /// was known. Revoking one token of a pair leaves the other alone.
+    fn revoke(&self, body: &JsonBody) -> Reply {
+        let token = match body
+            .as_ref()
+            .map_err(String::clone)
+            .and_then(|object| required_string(object, "token"))
+        {
+            Ok(token) => token,
+            Err(message) => return Reply::error(StatusCode::BAD_REQUEST, message),
+        };
+        let mut state = self.lock();
+        state.oauth.access.remove(token);
+        state.oauth.refresh.remove(token);
+        state.oauth.revokes += 1;
+        Reply::shaped(json!({ "revoked": true }), state.oauth.enveloped)
     }
 
     fn route(&self, method: &Method, path: &str, query: Option<&str>, body: &BodyInfo) -> Reply {
@@ -587,14 +871,19 @@ impl Simulator {
 
 async fn fallback(State(sim): State<Simulator>, req: Request) -> Response {
     let path = req.uri().path();
-    if path == "/v3" || path.starts_with("/v3/") {
-        return v3_entry(sim, req).await;
+    if path == "/v3" || path.starts_with("/v3/") || is_oauth_path(path) {
+        return api_entry(sim, req).await;
     }
     let message = format!("no such endpoint: {}", quote(path));
     Reply::error(StatusCode::NOT_FOUND, message).into_response_with(&new_request_id())
 }
 
-async fn v3_entry(sim: Simulator, req: Request) -> Response {
+/// The OAuth host's paths (served on the same port as `/v3`).
+fn is_oauth_path(path: &str) -> bool {
+    path == "/oauth" || path.starts_with("/oauth/")
+}
+
+async fn api_entry(sim: Simulator, req: Request) -> Response {
     let at = Utc::now();
     let request_id = new_request_id();
     let (parts, body) = req.into_parts();
@@ -685,11 +974,104 @@ async fn sim_agent(State(sim): State<Simulator>, UrlPath(raw_id): UrlPath<String
     }
 }
 
+/// The wire form of `POST /_sim/oauth/expire` (the body may also be empty).
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ExpireSpec {
+    #[serde(default)]
+    refresh: bool,
+}
+
+/// The wire form of `POST /_sim/oauth/shape`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShapeSpec {
+    enveloped: bool,
+}
+
+async fn sim_oauth_stats(State(sim): State<Simulator>) -> Response {
+    let state = sim.lock();
+    let now = Utc::now();
+    let oauth = &state.oauth;
+    let active = oauth.access.values().filter(|exp| now < **exp).count();
+    let body = json!({
+        "logins": oauth.logins,
+        "refreshes": oauth.refreshes,
+        "revokes": oauth.revokes,
+        "active_access_tokens": active,
+    });
+    drop(state);
+    axum::Json(body).into_response()
+}
+
+/// Expires every access token issued so far (and every refresh token with
+/// `{"refresh": true}`) now; the static token is not affected.
+async fn sim_oauth_expire(State(sim): State<Simulator>, body: Bytes) -> Response {
+    let spec = if body.iter().all(u8::is_ascii_whitespace) {
+        ExpireSpec::default()
+    } else {
+        match serde_json::from_slice::<ExpireSpec>(&body) {
+            Ok(spec) => spec,
+            Err(e) => {
+                return Reply::error(
+                    StatusCode::BAD_REQUEST,
+                    format!("expected an empty body or {{\"refresh\": true|false}}: {e}"),
+                )
+                .into_response_with(&new_request_id())
+            }
+        }
+    };
+    let now = Utc::now();
+    let expire_all = |tokens: &mut HashMap<String, DateTime<Utc>>| {
+        let mut expired = 0usize;
+        for expires in tokens.values_mut() {
+            if now < *expires {
+                *expires = now;
+                expired += 1;
+            }
+        }
+        expired
+    };
+    let mut state = sim.lock();
+    let access = expire_all(&mut state.oauth.access);
+    let refresh = if spec.refresh {
+        expire_all(&mut state.oauth.refresh)
+    } else {
+        0
+    };
+    drop(state);
+    axum::Json(json!({
+        "expired_access_tokens": access,
+        "expired_refresh_tokens": refresh,
+    }))
+    .into_response()
+}
+
+async fn sim_oauth_shape(State(sim): State<Simulator>, body: Bytes) -> Response {
+    let spec = match serde_json::from_slice::<ShapeSpec>(&body) {
+        Ok(spec) => spec,
+        Err(e) => {
+            return Reply::error(
+                StatusCode::BAD_REQUEST,
+                format!("expected {{\"enveloped\": true|false}}: {e}"),
+            )
+            .into_response_with(&new_request_id())
+        }
+    };
+    sim.lock().oauth.enveloped = spec.enveloped;
+    axum::Json(json!({ "enveloped": spec.enveloped })).into_response()
+}
+
 // ---------------------------------------------------------------------------------------
 // Replies
 
 enum Payload {
-    Data { data: Value, total: Option<usize> },
+    Data {
+        data: Value,
+        total: Option<usize>,
+    },
+    /// A success body sent as is, without the envelope (flat token responses).
+    Flat(Value),
     Error(String),
 }
 
@@ -716,6 +1098,20 @@ impl Reply {
             payload: Payload::Error(message.into()),
             retry_after: None,
             allow: None,
+        }
+    }
+
+    /// A success answer, flat or wrapped in the envelope (token responses).
+    fn shaped(data: Value, enveloped: bool) -> Self {
+        if enveloped {
+            Self::ok(data)
+        } else {
+            Self {
+                status: StatusCode::OK,
+                payload: Payload::Flat(data),
+                retry_after: None,
+                allow: None,
+            }
         }
     }
 
@@ -758,6 +1154,7 @@ impl Reply {
                 }
                 envelope
             }
+            Payload::Flat(body) => body,
             Payload::Error(message) => json!({
                 "code": self.status.as_u16(),
                 "message": message,
@@ -781,6 +1178,33 @@ impl Reply {
         }
         response
     }
+}
+
+/// Keeps the status and headers of `response` but replaces its body with one that fails at
+/// once, so hyper aborts the connection instead of completing the response. hyper buffers
+/// the response head and writes it together with the first body bytes, so in practice the
+/// head never leaves either: the client sees the connection close before a complete
+/// response (reqwest: an error from `send`, hyper's `IncompleteMessage`). A client must
+/// treat both that and an error while reading the body as "outcome unknown".
+fn break_body(response: Response) -> Response {
+    let (mut parts, _) = response.into_parts();
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, failing_body())
+}
+
+/// A body whose first poll yields an error.
+///
+/// The natural tool, `Body::from_stream` over a stream that errors, needs a `Stream`
+/// implementation, and no crate in our dependency list offers one we could use (the
+/// `futures` crates are not among them). axum itself has an erroring body, though: its
+/// request-body limiter (`RequestExt::into_limited_body`, [`AXUM_DEFAULT_BODY_LIMIT`] when no
+/// limit is configured) fails on a first chunk that exceeds the limit, without yielding any
+/// of it. The oversized chunk is a zeroed static, so nothing is allocated or copied (the
+/// limiter only looks at its length). If axum ever raised its default, the client would get
+/// a complete body instead, and the drop-fault test would fail.
+fn failing_body() -> Body {
+    static OVERSIZED: [u8; AXUM_DEFAULT_BODY_LIMIT + 1] = [0; AXUM_DEFAULT_BODY_LIMIT + 1];
+    Request::new(Body::from(Bytes::from_static(&OVERSIZED))).into_limited_body()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -808,6 +1232,55 @@ enum BodyInfo {
     NotMultipart(Option<String>),
     Form(ParsedForm),
     Unreadable(String),
+}
+
+/// An `/oauth` request body: a JSON object, or why it is not one.
+type JsonBody = Result<Map<String, Value>, String>;
+
+/// What a request carried, read the way its endpoint family expects.
+enum Incoming {
+    /// `/v3`: multipart forms.
+    V3(BodyInfo),
+    /// `/oauth`: JSON objects.
+    OAuth(JsonBody),
+}
+
+fn parse_json_object(body: Result<Bytes, String>) -> JsonBody {
+    let bytes = body?;
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err("request body must be a JSON object, got an empty body".to_owned());
+    }
+    // serde_json's messages give a position, never the input: no secret leaks into them.
+    match serde_json::from_slice::<Value>(&bytes) {
+        Ok(Value::Object(object)) => Ok(object),
+        Ok(other) => Err(format!(
+            "request body must be a JSON object, found {}",
+            kind_of(&other)
+        )),
+        Err(e) => Err(format!("request body is not valid JSON: {e}")),
+    }
+}
+
+/// The non-secret part of an `/oauth` body, for the request log: the login email only.
+fn oauth_recorded_fields(path: &str, body: &JsonBody) -> Map<String, Value> {
+    let mut fields = Map::new();
+    if path == "/oauth/token" {
+        if let Some(email @ Value::String(_)) = body.as_ref().ok().and_then(|b| b.get("email")) {
+            fields.insert("email".to_owned(), email.clone());
+        }
+    }
+    fields
+}
+
+fn required_string<'a>(object: &'a Map<String, Value>, key: &str) -> Result<&'a str, String> {
+    match object.get(key) {
+        Some(Value::String(text)) => Ok(text),
+        Some(other) => Err(format!(
+            "`{key}` must be a string, found {}",
+            kind_of(other)
+        )),
+        None => Err(format!("missing `{key}` in the request body")),
+    }
 }
 
 impl BodyInfo {
@@ -1211,7 +1684,28 @@ fn new_request_id() -> String {
 }
 
 fn now_rfc3339() -> String {
-    Utc::now().to_rfc3339_opts(SecondsFormat::Millis, true)
+    rfc3339_millis(Utc::now())
+}
+
+fn rfc3339_millis(at: DateTime<Utc>) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// An opaque random token.
+fn new_token() -> String {
+    Uuid::new_v4().simple().to_string()
+}
+
+/// `now + ttl` to the millisecond (what the token response shows), capped at the end of
+/// year 9999 so that it stays a plain ISO-8601 timestamp.
+fn expiry(now: DateTime<Utc>, ttl: Duration) -> DateTime<Utc> {
+    let latest = DateTime::parse_from_rfc3339("9999-12-31T23:59:59.999Z")
+        .map_or(DateTime::<Utc>::MAX_UTC, |at| at.with_timezone(&Utc));
+    TimeDelta::from_std(ttl)
+        .ok()
+        .and_then(|ttl| now.checked_add_signed(ttl))
+        .map_or(latest, |at| at.min(latest))
+        .trunc_subsecs(3)
 }
 
 fn parse_agent_id(raw: &str) -> Result<i64, String> {
@@ -1343,12 +1837,63 @@ mod tests {
         }
 
         async fn faults(&self, body: Value) -> reqwest::Response {
+            self.post_json("/_sim/faults", body).await
+        }
+
+        async fn post_json(&self, path: &str, body: Value) -> reqwest::Response {
             self.http
-                .post(self.url("/_sim/faults"))
+                .post(self.url(path))
                 .json(&body)
                 .send()
                 .await
-                .expect("fault posted")
+                .expect("POST sent")
+        }
+
+        async fn login_with(&self, email: &str, password: &str) -> reqwest::Response {
+            self.post_json(
+                "/oauth/token",
+                json!({"email": email, "password": password}),
+            )
+            .await
+        }
+
+        /// Logs in with the default credentials; returns the flat token response.
+        async fn login(&self) -> Value {
+            let resp = self
+                .login_with(DEFAULT_LOGIN_EMAIL, DEFAULT_LOGIN_PASSWORD)
+                .await;
+            assert_eq!(resp.status(), 200);
+            resp.json().await.expect("JSON token response")
+        }
+
+        async fn refresh(&self, refresh_token: &Value) -> reqwest::Response {
+            self.post_json(
+                "/oauth/refresh-token",
+                json!({ "refresh_token": refresh_token }),
+            )
+            .await
+        }
+
+        async fn get_as(&self, token: &Value, path: &str) -> u16 {
+            let resp = self
+                .http
+                .get(self.url(path))
+                .bearer_auth(token.as_str().expect("token string"))
+                .send()
+                .await
+                .expect("GET sent");
+            resp.status().as_u16()
+        }
+
+        async fn oauth_stats(&self) -> Value {
+            self.http
+                .get(self.url("/_sim/oauth"))
+                .send()
+                .await
+                .expect("GET sent")
+                .json()
+                .await
+                .expect("JSON stats")
         }
     }
 
@@ -1428,6 +1973,7 @@ mod tests {
         let custom = start_with(SimOptions {
             token: "other".into(),
             agents: None,
+            ..SimOptions::default()
         })
         .await;
         let url = custom.url("/v3/ai-voice-agents/101");
@@ -1881,6 +2427,7 @@ mod tests {
         let s = start_with(SimOptions {
             token: DEFAULT_TOKEN.into(),
             agents: Some(vec![json!({"id": 7, "voiceagent_name": "Seven"})]),
+            ..SimOptions::default()
         })
         .await;
         let (status, body) = read(s.get("/v3/ai-voice-agents").await).await;
@@ -1946,6 +2493,499 @@ mod tests {
             let err = format!("{:#}", Simulator::load_agents_file(&path).unwrap_err());
             assert!(err.contains(name), "{err}");
             assert!(err.contains(expected), "{expected}: {err}");
+        }
+    }
+
+    /// Checks a token pair's fields; `data` is the flat body or the envelope's `data`.
+    fn assert_token_pair(data: &Value, access_ttl: TimeDelta, refresh_ttl: TimeDelta) {
+        let access = data["access_token"].as_str().expect("access_token");
+        let refresh = data["refresh_token"].as_str().expect("refresh_token");
+        assert!(!access.is_empty() && !refresh.is_empty() && access != refresh);
+        assert_eq!(data["token_type"], "Bearer");
+        for (key, ttl) in [
+            ("expires_in", access_ttl),
+            ("refresh_expires_in", refresh_ttl),
+        ] {
+            let text = data[key].as_str().expect(key);
+            assert!(text.ends_with('Z') && text.len() == 24, "{key}: {text}");
+            let at = DateTime::parse_from_rfc3339(text).expect(key);
+            let ahead = at.with_timezone(&Utc) - Utc::now();
+            assert!(
+                (ahead - ttl).num_seconds().abs() < 60,
+                "{key} {text} is not {ttl} ahead"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn login_issues_flat_then_enveloped_token_pairs() {
+        let s = start().await;
+        let resp = s
+            .login_with(DEFAULT_LOGIN_EMAIL, DEFAULT_LOGIN_PASSWORD)
+            .await;
+        assert_eq!(resp.status(), 200);
+        assert!(resp.headers().contains_key("x-request-id"));
+        let flat: Value = resp.json().await.unwrap();
+        assert_token_pair(&flat, TimeDelta::days(7), TimeDelta::days(180));
+        assert!(
+            flat.get("code").is_none() && flat.get("data").is_none(),
+            "{flat}"
+        );
+
+        let resp = s
+            .post_json("/_sim/oauth/shape", json!({"enveloped": true}))
+            .await;
+        assert_eq!(resp.status(), 200);
+        let resp = s
+            .login_with(DEFAULT_LOGIN_EMAIL, DEFAULT_LOGIN_PASSWORD)
+            .await;
+        let (status, body) = read(resp).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["message"], "Success");
+        assert_token_pair(&body["data"], TimeDelta::days(7), TimeDelta::days(180));
+        assert_ne!(body["data"]["access_token"], flat["access_token"]);
+
+        // Refresh and revoke answer in the same shape.
+        let (status, body) = read(s.refresh(&body["data"]["refresh_token"]).await).await;
+        assert_eq!(status, 200);
+        assert_token_pair(&body["data"], TimeDelta::days(7), TimeDelta::days(180));
+        let resp = s
+            .post_json("/oauth/revoke-token", json!({"token": "x"}))
+            .await;
+        let (status, body) = read(resp).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["data"]["revoked"], true);
+
+        s.post_json("/_sim/oauth/shape", json!({"enveloped": false}))
+            .await;
+        assert_token_pair(&s.login().await, TimeDelta::days(7), TimeDelta::days(180));
+        let resp = s
+            .post_json("/_sim/oauth/shape", json!({"envelope": 1}))
+            .await;
+        assert_eq!(resp.status(), 400);
+
+        // Options: enveloped from the start, custom lifetimes.
+        let custom = start_with(SimOptions {
+            enveloped_tokens: true,
+            access_ttl: Duration::from_secs(3600),
+            refresh_ttl: Duration::from_secs(86_400),
+            ..SimOptions::default()
+        })
+        .await;
+        let resp = custom
+            .login_with(DEFAULT_LOGIN_EMAIL, DEFAULT_LOGIN_PASSWORD)
+            .await;
+        let (status, body) = read(resp).await;
+        assert_eq!(status, 200);
+        assert_token_pair(&body["data"], TimeDelta::hours(1), TimeDelta::days(1));
+    }
+
+    #[tokio::test]
+    async fn login_rejects_bad_credentials_and_bad_requests() {
+        let s = start().await;
+        for (email, password) in [
+            (DEFAULT_LOGIN_EMAIL, "wrong-password"),
+            ("someone@example.com", DEFAULT_LOGIN_PASSWORD),
+        ] {
+            let (status, body) = read(s.login_with(email, password).await).await;
+            assert_eq!(status, 401);
+            assert!(
+                message(&body).contains("invalid email or password"),
+                "{body}"
+            );
+        }
+        for bad in [
+            json!({"email": DEFAULT_LOGIN_EMAIL}),
+            json!([1]),
+            json!("x"),
+        ] {
+            let (status, _) = read(s.post_json("/oauth/token", bad).await).await;
+            assert_eq!(status, 400);
+        }
+        let resp = s
+            .http
+            .post(s.url("/oauth/token"))
+            .body("email=a&password=b")
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = read(resp).await;
+        assert_eq!(status, 400);
+        assert!(message(&body).contains("JSON"), "{body}");
+        let resp = s.http.get(s.url("/oauth/token")).send().await.unwrap();
+        assert_eq!(resp.headers()["allow"], "POST");
+        assert_eq!(read(resp).await.0, 405);
+        let resp = s.http.post(s.url("/oauth/nothing")).send().await.unwrap();
+        assert_eq!(read(resp).await.0, 404);
+        assert_eq!(s.oauth_stats().await["logins"], 0);
+
+        // Logging in can be switched off.
+        let no_login = start_with(SimOptions {
+            login: None,
+            ..SimOptions::default()
+        })
+        .await;
+        let resp = no_login
+            .login_with(DEFAULT_LOGIN_EMAIL, DEFAULT_LOGIN_PASSWORD)
+            .await;
+        assert_eq!(read(resp).await.0, 401);
+    }
+
+    #[tokio::test]
+    async fn login_is_rate_limited() {
+        let s = start().await;
+        for i in 0..LOGIN_RATE_LIMIT {
+            // Failed logins count too.
+            let password = if i % 2 == 0 {
+                DEFAULT_LOGIN_PASSWORD
+            } else {
+                "wrong"
+            };
+            let resp = s.login_with(DEFAULT_LOGIN_EMAIL, password).await;
+            assert_ne!(resp.status(), 429, "call {i}");
+        }
+        let resp = s
+            .login_with(DEFAULT_LOGIN_EMAIL, DEFAULT_LOGIN_PASSWORD)
+            .await;
+        let retry_after: u64 = resp.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=60).contains(&retry_after), "{retry_after}");
+        let (status, body) = read(resp).await;
+        assert_eq!(status, 429);
+        assert!(message(&body).contains("too many"), "{body}");
+        assert_eq!(s.oauth_stats().await["logins"], 5);
+        // Other OAuth endpoints are not limited.
+        let resp = s
+            .post_json("/oauth/revoke-token", json!({"token": "t"}))
+            .await;
+        assert_eq!(resp.status(), 200);
+    }
+
+    #[test]
+    fn login_rate_window_slides() {
+        let mut oauth = OAuthState::default();
+        let now = Instant::now();
+        let Some(old) = now.checked_sub(LOGIN_RATE_WINDOW) else {
+            return; // the monotonic clock started less than a minute ago
+        };
+        oauth.login_calls.push_back(old);
+        for _ in 1..LOGIN_RATE_LIMIT {
+            oauth.login_calls.push_back(now);
+        }
+        // The oldest call has left the window: one more is admitted, then none.
+        assert_eq!(oauth.admit_login(), Ok(()));
+        let wait = oauth.admit_login().unwrap_err();
+        assert!((59..=60).contains(&wait), "{wait}");
+    }
+
+    #[tokio::test]
+    async fn refresh_rotates_and_refresh_tokens_are_single_use() {
+        let s = start().await;
+        let first = s.login().await;
+        let resp = s.refresh(&first["refresh_token"]).await;
+        assert_eq!(resp.status(), 200);
+        let second: Value = resp.json().await.unwrap();
+        assert_token_pair(&second, TimeDelta::days(7), TimeDelta::days(180));
+        assert_ne!(second["access_token"], first["access_token"]);
+        assert_ne!(second["refresh_token"], first["refresh_token"]);
+
+        let (status, body) = read(s.refresh(&first["refresh_token"]).await).await;
+        assert_eq!(status, 401, "a used refresh token must fail");
+        assert!(message(&body).contains("refresh token"), "{body}");
+        // The old access token lives on; so does the new one.
+        assert_eq!(
+            s.get_as(&first["access_token"], "/v3/ai-voice-agents/101")
+                .await,
+            200
+        );
+        assert_eq!(
+            s.get_as(&second["access_token"], "/v3/ai-voice-agents/101")
+                .await,
+            200
+        );
+
+        // Two refreshes racing with one token: exactly one wins.
+        let (a, b) = tokio::join!(
+            s.refresh(&second["refresh_token"]),
+            s.refresh(&second["refresh_token"])
+        );
+        let mut statuses = [a.status().as_u16(), b.status().as_u16()];
+        statuses.sort_unstable();
+        assert_eq!(statuses, [200, 401]);
+
+        let (status, _) = read(s.refresh(&json!("never-issued")).await).await;
+        assert_eq!(status, 401);
+        let (status, _) = read(s.post_json("/oauth/refresh-token", json!({})).await).await;
+        assert_eq!(status, 400);
+        assert_eq!(s.oauth_stats().await["refreshes"], 2);
+    }
+
+    #[tokio::test]
+    async fn issued_access_tokens_work_until_expired() {
+        let s = start().await;
+        let pair = s.login().await;
+        let agent = "/v3/ai-voice-agents/101";
+        assert_eq!(s.get_as(&pair["access_token"], agent).await, 200);
+        // Refresh tokens are not access tokens.
+        assert_eq!(s.get_as(&pair["refresh_token"], agent).await, 401);
+
+        let resp = s
+            .http
+            .post(s.url("/_sim/oauth/expire"))
+            .send()
+            .await
+            .unwrap();
+        let expired: Value = resp.json().await.unwrap();
+        assert_eq!(
+            expired,
+            json!({"expired_access_tokens": 1, "expired_refresh_tokens": 0})
+        );
+        let resp = s
+            .http
+            .get(s.url(agent))
+            .bearer_auth(pair["access_token"].as_str().unwrap())
+            .send()
+            .await
+            .unwrap();
+        let (status, body) = read(resp).await;
+        assert_eq!(status, 401);
+        assert!(message(&body).contains("expired"), "{body}");
+        assert_eq!(s.get_as(&json!(DEFAULT_TOKEN), agent).await, 200);
+        assert_eq!(s.oauth_stats().await["active_access_tokens"], 0);
+
+        // The refresh token survived; `refresh: true` expires it too.
+        let resp = s.refresh(&pair["refresh_token"]).await;
+        assert_eq!(resp.status(), 200);
+        let renewed: Value = resp.json().await.unwrap();
+        assert_eq!(s.get_as(&renewed["access_token"], agent).await, 200);
+        let resp = s
+            .post_json("/_sim/oauth/expire", json!({"refresh": true}))
+            .await;
+        let expired: Value = resp.json().await.unwrap();
+        assert_eq!(
+            expired,
+            json!({"expired_access_tokens": 1, "expired_refresh_tokens": 1})
+        );
+        assert_eq!(s.get_as(&renewed["access_token"], agent).await, 401);
+        assert_eq!(
+            read(s.refresh(&renewed["refresh_token"]).await).await.0,
+            401
+        );
+        assert_eq!(s.get_as(&json!(DEFAULT_TOKEN), agent).await, 200);
+        let resp = s
+            .post_json("/_sim/oauth/expire", json!({"refresh": "yes"}))
+            .await;
+        assert_eq!(resp.status(), 400);
+
+        // A zero lifetime issues tokens that are already expired.
+        let short = start_with(SimOptions {
+            access_ttl: Duration::ZERO,
+            ..SimOptions::default()
+        })
+        .await;
+        let pair = short.login().await;
+        assert_eq!(short.get_as(&pair["access_token"], agent).await, 401);
+    }
+
+    #[tokio::test]
+    async fn revoke_is_idempotent_and_counted() {
+        let s = start().await;
+        let pair = s.login().await;
+        let other = s.login().await;
+        for _ in 0..2 {
+            let resp = s
+                .post_json(
+                    "/oauth/revoke-token",
+                    json!({"token": pair["access_token"]}),
+                )
+                .await;
+            assert_eq!(resp.status(), 200);
+            let body: Value = resp.json().await.unwrap();
+            assert_eq!(body, json!({"revoked": true}));
+        }
+        let agent = "/v3/ai-voice-agents/101";
+        assert_eq!(s.get_as(&pair["access_token"], agent).await, 401);
+        assert_eq!(s.get_as(&other["access_token"], agent).await, 200);
+
+        let resp = s
+            .post_json(
+                "/oauth/revoke-token",
+                json!({"token": pair["refresh_token"]}),
+            )
+            .await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(read(s.refresh(&pair["refresh_token"]).await).await.0, 401);
+        let resp = s
+            .post_json("/oauth/revoke-token", json!({"token": "unknown"}))
+            .await;
+        assert_eq!(resp.status(), 200);
+        let resp = s
+            .post_json("/oauth/revoke-token", json!({"tok": "x"}))
+            .await;
+        assert_eq!(read(resp).await.0, 400);
+
+        let resp = s.refresh(&other["refresh_token"]).await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(
+            s.oauth_stats().await,
+            json!({"logins": 2, "refreshes": 1, "revokes": 4, "active_access_tokens": 2})
+        );
+    }
+
+    #[tokio::test]
+    async fn oauth_requests_are_logged_without_secrets() {
+        let s = start().await;
+        let pair = s.login().await;
+        s.login_with(DEFAULT_LOGIN_EMAIL, "the-wrong-secret").await;
+        let resp = s.refresh(&pair["refresh_token"]).await;
+        let renewed: Value = resp.json().await.unwrap();
+        s.post_json(
+            "/oauth/revoke-token",
+            json!({"token": renewed["access_token"]}),
+        )
+        .await;
+        s.get_as(&pair["access_token"], "/v3/ai-voice-agents/101")
+            .await;
+
+        let log: Vec<RecordedRequest> = s
+            .http
+            .get(s.url("/_sim/requests"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let summary: Vec<(&str, &str, u16)> = log
+            .iter()
+            .map(|r| (r.method.as_str(), r.path.as_str(), r.status))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("POST", "/oauth/token", 200),
+                ("POST", "/oauth/token", 401),
+                ("POST", "/oauth/refresh-token", 200),
+                ("POST", "/oauth/revoke-token", 200),
+                ("GET", "/v3/ai-voice-agents/101", 200),
+            ]
+        );
+        assert_eq!(
+            log[0].fields,
+            json!({"email": DEFAULT_LOGIN_EMAIL})
+                .as_object()
+                .cloned()
+                .unwrap()
+        );
+        assert_eq!(log[1].fields["email"], DEFAULT_LOGIN_EMAIL);
+        assert!(log[2..].iter().all(|r| r.fields.is_empty()));
+        assert!(log.iter().all(|r| r.request_id.is_some()));
+
+        let serialized = serde_json::to_string(&log).unwrap();
+        let mut secrets = vec![DEFAULT_LOGIN_PASSWORD, "the-wrong-secret"];
+        for pair in [&pair, &renewed] {
+            secrets.push(pair["access_token"].as_str().unwrap());
+            secrets.push(pair["refresh_token"].as_str().unwrap());
+        }
+        for secret in secrets {
+            assert!(
+                !serialized.contains(secret),
+                "{secret} leaked into {serialized}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn faults_apply_to_oauth_paths() {
+        let s = start().await;
+        s.faults(json!({"status": 503, "retry_after": 1, "path_contains": "/oauth/token"}))
+            .await;
+        let (status, _) = read(s.get("/v3/ai-voice-agents/101").await).await;
+        assert_eq!(status, 200, "the fault is for /oauth/token only");
+        let resp = s
+            .login_with(DEFAULT_LOGIN_EMAIL, DEFAULT_LOGIN_PASSWORD)
+            .await;
+        assert_eq!(resp.headers()["retry-after"], "1");
+        assert_eq!(read(resp).await.0, 503);
+        assert_eq!(
+            s.oauth_stats().await["logins"],
+            0,
+            "a faulted login is not applied"
+        );
+        let rec = s.sim.requests().pop().unwrap();
+        assert_eq!(rec.fault.as_deref(), Some("status 503 retry-after 1"));
+        assert_eq!(rec.fields["email"], DEFAULT_LOGIN_EMAIL);
+        s.login().await;
+    }
+
+    /// Sends a request and reads its body: the error, if any, from either step.
+    async fn send_and_read(request: reqwest::RequestBuilder) -> Result<Bytes, reqwest::Error> {
+        request.send().await?.bytes().await
+    }
+
+    #[tokio::test]
+    async fn dropped_connection_fault_applies_then_breaks_the_response() {
+        let s = start().await;
+        let mut events = s.sim.subscribe();
+        let resp = s.faults(json!({"drop": true, "count": 1})).await;
+        assert_eq!(resp.status(), 200);
+        let listed: Value = s
+            .http
+            .get(s.url("/_sim/faults"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(listed, json!([{"drop": true, "count": 1}]));
+
+        let request = s
+            .http
+            .patch(s.url("/v3/ai-voice-agents/102"))
+            .bearer_auth(DEFAULT_TOKEN)
+            .multipart(Form::new().text("greetings", "Committed, then lost"));
+        let outcome = send_and_read(request).await;
+        assert!(
+            outcome.is_err(),
+            "the client must see a broken response: {outcome:?}"
+        );
+
+        let rec = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .expect("recorded in time")
+            .expect("event");
+        assert_eq!(rec.fault.as_deref(), Some("drop"));
+        assert_eq!(rec.status, 200);
+        let (status, body) = read(s.get("/v3/ai-voice-agents/102").await).await;
+        assert_eq!(status, 200);
+        assert_eq!(body["data"]["greetings"], "Committed, then lost");
+
+        // A dropped refresh is applied too: the client never sees the new pair and its old
+        // refresh token is already dead.
+        let pair = s.login().await;
+        s.faults(json!({"drop": true, "delay_ms": 10, "path_contains": "refresh"}))
+            .await;
+        let request = s
+            .http
+            .post(s.url("/oauth/refresh-token"))
+            .json(&json!({"refresh_token": pair["refresh_token"]}));
+        assert!(send_and_read(request).await.is_err());
+        assert_eq!(read(s.refresh(&pair["refresh_token"]).await).await.0, 401);
+        assert_eq!(s.oauth_stats().await["refreshes"], 1);
+        let rec = s.sim.requests().into_iter().rev().nth(1).unwrap();
+        assert_eq!(rec.fault.as_deref(), Some("delay 10ms, drop"));
+
+        for bad in [
+            json!({"drop": true, "status": 500}),
+            json!({"drop": true, "retry_after": 1}),
+            json!({"drop": false}),
+        ] {
+            let resp = s.faults(bad.clone()).await;
+            assert_eq!(resp.status(), 400, "{bad}");
         }
     }
 }

@@ -103,25 +103,27 @@ impl TokenProvider {
     }
 
     /// After a 401 answered to a request sent with `used`: get a fresh token once.
-    /// Returns true if the caller should retry with [`Self::bearer`].
-    pub async fn after_unauthorized(&self, used: &SecretString) -> bool {
-        match &*self.kind {
+    /// `Ok(true)`: retry with [`Self::bearer`]; `Ok(false)`: nothing to renew (the 401
+    /// stands); `Err`: renewing failed, and that error is the request's outcome.
+    pub async fn after_unauthorized(&self, used: &SecretString) -> Result<bool, PlatformError> {
+        Ok(match &*self.kind {
             Kind::Static(_) => false,
             Kind::File { path, current } => {
                 let Ok(text) = std::fs::read_to_string(path) else {
-                    return false;
+                    return Ok(false);
                 };
                 let fresh = text.trim_end_matches(['\r', '\n']).to_string();
                 let mut cur = current.write().unwrap_or_else(|e| e.into_inner());
                 if fresh.is_empty() || fresh == used.expose_secret() {
-                    return cur.expose_secret() != used.expose_secret();
+                    cur.expose_secret() != used.expose_secret()
+                } else {
+                    info!(path = %path.display(), "token file changed; using the new token");
+                    *cur = SecretString::from(fresh);
+                    true
                 }
-                info!(path = %path.display(), "token file changed; using the new token");
-                *cur = SecretString::from(fresh);
-                true
             }
-            Kind::OAuth(o) => o.after_unauthorized(used).await,
-        }
+            Kind::OAuth(o) => o.after_unauthorized(used).await?,
+        })
     }
 }
 
@@ -139,20 +141,20 @@ impl OAuth {
         self.renew(&mut st).await
     }
 
-    async fn after_unauthorized(&self, used: &SecretString) -> bool {
+    async fn after_unauthorized(&self, used: &SecretString) -> Result<bool, PlatformError> {
         let mut st = self.state.lock().await;
         self.load(&mut st).await;
         if let Some(p) = &st.pair {
             if p.access_token.expose_secret() != used.expose_secret() {
                 // Another worker already renewed it while we waited.
-                return true;
+                return Ok(true);
             }
         }
         match self.renew(&mut st).await {
-            Ok(_) => true,
+            Ok(_) => Ok(true),
             Err(e) => {
                 warn!(error = %e, "could not renew the platform token after a 401");
-                false
+                Err(e)
             }
         }
     }
@@ -187,7 +189,7 @@ impl OAuth {
             if wait > chrono::Duration::zero() {
                 return Err(PlatformError {
                     kind: ErrorKind::Status(
-                        "login attempted less than a minute ago; waiting".into(),
+                        "token expired and the last login was less than a minute ago; waiting to log in again".into(),
                     ),
                     status: Some(429),
                     request_id: None,
@@ -201,7 +203,10 @@ impl OAuth {
             "email": self.settings.email,
             "password": self.settings.password.expose_secret(),
         });
-        let pair = self.call("/oauth/token", &body).await?;
+        let pair = self.call("/oauth/token", &body).await.map_err(|mut e| {
+            e.kind = ErrorKind::Status(format!("login to the platform failed: {}", e.kind));
+            e
+        })?;
         info!(expires_at = %pair.expires_at, "logged in to the platform");
         self.adopt(st, pair).await
     }

@@ -86,6 +86,10 @@ pub struct Options {
     pub sim: SimOptions,
     /// Extra keys for the [platform] table.
     pub platform_extra: String,
+    /// The [platform] token, as TOML.
+    pub token: String,
+    /// Point oauth_url at the simulator.
+    pub oauth: bool,
 }
 
 impl Default for Options {
@@ -96,6 +100,8 @@ impl Default for Options {
             manual_clock: None,
             sim: SimOptions::default(),
             platform_extra: String::new(),
+            token: "{ value = \"sim-token\" }".into(),
+            oauth: false,
         }
     }
 }
@@ -112,8 +118,10 @@ pub async fn spawn_with(opts: Options) -> TestApp {
     let sim_cancel = CancellationToken::new();
     tokio::spawn(sim.serve(listener, sim_cancel.clone()));
     let config_text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[database]\npath = {:?}\n[platform]\nbase_url = \"http://{sim_addr}/v3\"\ntoken = {{ value = \"sim-token\" }}\ntimeout = \"2s\"\n{}[queue]\n{}\n{}",
+        "[server]\nlisten = \"127.0.0.1:0\"\n[database]\npath = {:?}\n[platform]\nbase_url = \"http://{sim_addr}/v3\"\ntoken = {}\ntimeout = \"2s\"\n{}{}[queue]\n{}\n{}",
         dir.path().join("test.db").display().to_string(),
+        opts.token,
+        if opts.oauth { format!("oauth_url = \"http://{sim_addr}\"\n") } else { String::new() },
         opts.platform_extra,
         opts.queue,
         opts.rules

@@ -5,6 +5,8 @@ mod helpers;
 
 mod cli;
 mod crash;
+mod faults;
+mod oauth;
 mod queue;
 mod schedule;
 mod webhooks;
