@@ -107,12 +107,7 @@ async fn main() -> anyhow::Result<()> {
     let app_cancel = CancellationToken::new();
     let started = Instant::now();
     let app = App::start(config, Arc::new(SystemClock), app_cancel.clone()).await?;
-    loop {
-        let pending = app.store().jobs(Some("pending"), None).await?.len()
-            + app.store().jobs(Some("leased"), None).await?.len();
-        if pending == 0 {
-            break;
-        }
+    while app.store().open_jobs().await? > 0 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let elapsed = started.elapsed().as_secs_f64();

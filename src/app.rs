@@ -18,6 +18,8 @@ use tracing::info;
 
 pub struct App {
     addr: SocketAddr,
+    /// After cancellation, how long open connections may hold up the exit.
+    grace: std::time::Duration,
     store: Store,
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -79,12 +81,18 @@ impl App {
             store: store.clone(),
             client,
             clock,
-            policy: RetryPolicy::from_config(&config.queue),
+            policy: RetryPolicy::from_config(&config.queue, config.platform.timeout),
             lease: config.queue.lease,
             shutdown_grace: config.queue.shutdown_grace,
             notify: queue_notify,
         };
         let owner = format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple());
+        queue
+            .store
+            .rescue_expired(queue.clock.now())
+            .await
+            .context("rescuing jobs of a previous run")?;
+        tasks.push(tokio::spawn(queue.clone().rescue_loop(cancel.clone())));
         for i in 0..config.queue.workers {
             tasks.push(tokio::spawn(
                 queue.clone().run(format!("{owner}-w{i}"), cancel.clone()),
@@ -93,6 +101,7 @@ impl App {
         info!(%addr, rules = config.rules.len(), sources = config.sources.len(), workers = config.queue.workers, "autopilot started");
         Ok(App {
             addr,
+            grace: config.queue.shutdown_grace,
             store,
             cancel,
             tasks,
@@ -110,6 +119,18 @@ impl App {
 
     /// Waits for every task to end (after the token is cancelled), then closes the store.
     pub async fn wait(mut self) {
+        // The HTTP server drains open connections, but a client that never finishes its
+        // request must not keep the process (and the database lock) alive.
+        let mut server = self.tasks.remove(0);
+        let cancel = self.cancel.clone();
+        let grace = self.grace + std::time::Duration::from_secs(1);
+        tokio::select! {
+            _ = &mut server => {}
+            _ = async { cancel.cancelled().await; tokio::time::sleep(grace).await } => {
+                tracing::warn!("connections still open after the shutdown grace; closing them");
+                server.abort();
+            }
+        }
         for t in self.tasks.drain(..) {
             let _ = t.await;
         }

@@ -79,9 +79,12 @@ pub enum Command {
 /// Which database: `--db FILE`, or the `[database] path` of `--config FILE` (only that key
 /// is read, so secrets need not be set).
 #[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
 pub struct DbArgs {
-    #[arg(long, short, conflicts_with = "db", required_unless_present = "db")]
+    /// The daemon's config file (only its [database] path is read).
+    #[arg(long, short)]
     pub config: Option<PathBuf>,
+    /// The SQLite database file itself.
     #[arg(long)]
     pub db: Option<PathBuf>,
 }
@@ -95,6 +98,7 @@ pub enum JobsAction {
         /// pending, leased, done, dead, expired, skipped or discarded
         #[arg(long)]
         status: Option<String>,
+        /// Only this agent's jobs.
         #[arg(long)]
         agent: Option<i64>,
         /// One JSON object per line instead of a table.
@@ -105,8 +109,10 @@ pub enum JobsAction {
     Retry {
         #[command(flatten)]
         db: DbArgs,
+        /// The job id (see `jobs list`).
         #[arg(required_unless_present = "all_dead", conflicts_with = "all_dead")]
         id: Option<i64>,
+        /// Every dead job.
         #[arg(long)]
         all_dead: bool,
     },
@@ -114,6 +120,7 @@ pub enum JobsAction {
     Discard {
         #[command(flatten)]
         db: DbArgs,
+        /// The job id (see `jobs list`).
         id: i64,
     },
 }
@@ -152,8 +159,19 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
+/// The environment, as text. A variable whose name or value is not UTF-8 cannot be a
+/// setting or a secret reference: it is left out (an `AUTOPILOT_*` one is reported).
 fn env_vars() -> Vec<(String, String)> {
-    std::env::vars().collect()
+    std::env::vars_os()
+        .filter_map(|(k, v)| match (k.into_string(), v.into_string()) {
+            (Ok(k), Ok(v)) => Some((k, v)),
+            (Ok(k), Err(_)) if k.starts_with("AUTOPILOT_") => {
+                eprintln!("warning: ignoring {k}: its value is not UTF-8");
+                None
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 fn load(path: &Path) -> anyhow::Result<Config> {
@@ -243,13 +261,16 @@ fn check(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Needs only `[database] path`: no secrets. Safe while the daemon runs (it already
+/// migrated at its start; this is then a no-op).
 async fn migrate(path: &Path) -> anyhow::Result<()> {
-    let config = load(path)?;
-    let store = Store::open(&config.database.path)
+    let db = crate::config::database_path(path, &env_vars())
+        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    let store = Store::open(&db)
         .await
-        .with_context(|| format!("opening {}", config.database.path.display()))?;
+        .with_context(|| format!("opening {}", db.display()))?;
     store.close().await;
-    println!("{}: schema is up to date", config.database.path.display());
+    println!("{}: schema is up to date", db.display());
     Ok(())
 }
 
@@ -372,7 +393,7 @@ async fn open_db(args: &DbArgs) -> anyhow::Result<Store> {
             path.display()
         );
     }
-    Store::open(&path)
+    Store::open_existing(&path)
         .await
         .with_context(|| format!("opening {}", path.display()))
 }

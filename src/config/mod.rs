@@ -35,6 +35,8 @@ pub struct Config {
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
+    /// Longest time one webhook request may take, body included (then 408).
+    pub request_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -141,8 +143,7 @@ impl Config {
 
     /// Loads a config file, applies `AUTOPILOT_*` overrides from `env`, validates it.
     pub fn load(path: &Path, env: &[(String, String)]) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigErrors::single(path, format!("cannot read the config file: {e}")))?;
+        let text = read_text(path)?;
         Self::from_toml(&text, path, env)
     }
 
@@ -152,34 +153,82 @@ impl Config {
         origin: &Path,
         env: &[(String, String)],
     ) -> Result<Config, ConfigErrors> {
-        let (text, applied) =
+        let (changed, applied) =
             overrides::apply(text, env).map_err(|msg| ConfigErrors::single(origin, msg))?;
+        let base_dir = origin.parent().unwrap_or(Path::new("."));
         let mut errs = ConfigErrors {
             file: origin.to_path_buf(),
-            text: text.clone(),
-            overrides: applied,
+            text: text.to_string(),
+            overrides: Vec::new(),
             items: Vec::new(),
         };
-        let raw: RawConfig = match toml::from_str(&text) {
-            Ok(raw) => raw,
-            Err(e) => {
-                errs.push(e.span(), e.message().to_string());
-                return Err(errs);
-            }
+        let with_overrides = match attempt(&changed, env, base_dir) {
+            Ok(c) => return Ok(c),
+            Err(items) => items,
         };
-        let base_dir = origin.parent().unwrap_or(Path::new("."));
-        let config = validate(raw, env, base_dir, &mut errs);
-        match config {
-            Some(c) if errs.items.is_empty() => Ok(c),
-            _ => Err(errs),
+        if applied.is_empty() {
+            errs.items = with_overrides;
+            return Err(errs);
         }
+        // Positions in the overridden text would point at lines the user never wrote:
+        // an error the file has on its own is shown at its place in the file; one that
+        // only the overrides cause names them instead.
+        let in_file = attempt(text, env, base_dir).err().unwrap_or_default();
+        for (_, msg) in with_overrides {
+            match in_file.iter().find(|(_, m)| *m == msg) {
+                Some((span, _)) => errs.items.push((span.clone(), msg)),
+                None => errs.items.push((
+                    None,
+                    format!(
+                        "{msg} (after the environment overrides {})",
+                        applied.join(", ")
+                    ),
+                )),
+            }
+        }
+        Err(errs)
     }
+}
+
+type ErrorItems = Vec<(Option<Range<usize>>, String)>;
+
+/// Parses and validates one text; the errors carry byte spans into that text.
+fn attempt(text: &str, env: &[(String, String)], base_dir: &Path) -> Result<Config, ErrorItems> {
+    let mut errs = ConfigErrors {
+        file: PathBuf::new(),
+        text: String::new(),
+        overrides: Vec::new(),
+        items: Vec::new(),
+    };
+    let raw: RawConfig = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => return Err(vec![(e.span(), e.message().to_string())]),
+    };
+    match validate(raw, env, base_dir, &mut errs) {
+        Some(c) if errs.items.is_empty() => Ok(c),
+        _ => Err(errs.items),
+    }
+}
+
+/// Reads a config file as UTF-8; invalid bytes are reported at their line and column.
+fn read_text(path: &Path) -> Result<String, ConfigErrors> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| ConfigErrors::single(path, format!("cannot read the config file: {e}")))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let valid = e.utf8_error().valid_up_to();
+        let text = String::from_utf8_lossy(&e.into_bytes()[..valid]).into_owned();
+        ConfigErrors {
+            file: path.to_path_buf(),
+            text,
+            overrides: Vec::new(),
+            items: vec![(Some(valid..valid), "the file is not UTF-8 text".into())],
+        }
+    })
 }
 
 /// Only `[database] path` (after overrides), for tools that must not need the secrets.
 pub fn database_path(path: &Path, env: &[(String, String)]) -> Result<PathBuf, ConfigErrors> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ConfigErrors::single(path, format!("cannot read the config file: {e}")))?;
+    let text = read_text(path)?;
     let (text, _) = overrides::apply(&text, env).map_err(|msg| ConfigErrors::single(path, msg))?;
     let table: toml::Table = toml::from_str(&text).map_err(|e| {
         let mut errs = ConfigErrors::single(path, String::new());
@@ -266,8 +315,21 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
+/// Longest duration any setting takes: keeps every sum and conversion far from overflow.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
 fn duration(errs: &mut ConfigErrors, s: &Spanned<String>) -> Option<Duration> {
     match humantime::parse_duration(s.get_ref()) {
+        Ok(d) if d > MAX_DURATION => {
+            errs.at(
+                s,
+                format!(
+                    "duration {:?} is longer than the limit of 366 days",
+                    s.get_ref()
+                ),
+            );
+            None
+        }
         Ok(d) => Some(d),
         Err(e) => {
             errs.at(
@@ -329,12 +391,29 @@ fn toml_to_json(v: &toml::Value) -> Value {
     serde_json::to_value(v).unwrap_or(Value::Null)
 }
 
+/// NaN and infinities have no JSON form: they would be sent as `null`.
+fn non_finite(v: &toml::Value) -> bool {
+    match v {
+        toml::Value::Float(f) => !f.is_finite(),
+        toml::Value::Array(items) => items.iter().any(non_finite),
+        toml::Value::Table(t) => t.values().any(non_finite),
+        _ => false,
+    }
+}
+
 fn conditions(
     errs: &mut ConfigErrors,
     table: &BTreeMap<Spanned<String>, Spanned<toml::Value>>,
 ) -> Vec<Condition> {
     let mut out = Vec::new();
     for (k, v) in table {
+        if non_finite(v.get_ref()) {
+            errs.at(
+                v,
+                format!("{}: NaN and infinity cannot be compared", k.get_ref()),
+            );
+            continue;
+        }
         match Condition::new(k.get_ref(), &toml_to_json(v.get_ref())) {
             Ok(c) => out.push(c),
             Err(e) => errs.at(v, format!("{}: {e}", k.get_ref())),
@@ -364,6 +443,10 @@ fn validate(
         }
     };
     let max_body_bytes = raw.server.max_body_bytes.unwrap_or(1 << 20);
+    let request_timeout = match &raw.server.request_timeout {
+        Some(s) => duration(errs, s),
+        None => Some(Duration::from_secs(15)),
+    };
 
     // [database]
     if raw.database.path.get_ref().as_os_str().is_empty() {
@@ -393,19 +476,24 @@ fn validate(
     };
     let token = token(errs, &p.token, env, base_dir);
     if let Some(r) = &p.requests_per_second {
-        if !(r.get_ref().is_finite() && *r.get_ref() > 0.0) {
-            errs.at(r, "requests_per_second must be a positive number");
+        if !(0.01..=100_000.0).contains(r.get_ref()) {
+            errs.at(r, "requests_per_second must be between 0.01 and 100000");
         }
     }
     if let Some(m) = &p.max_in_flight {
-        if *m.get_ref() == 0 {
-            errs.at(m, "max_in_flight must be at least 1");
+        if !(1..=100_000).contains(m.get_ref()) {
+            errs.at(m, "max_in_flight must be between 1 and 100000");
         }
     }
     let timeout = match &p.timeout {
         Some(t) => duration(errs, t),
         None => Some(Duration::from_secs(10)),
     };
+    if let (Some(t), Some(span)) = (timeout, &p.timeout) {
+        if t > Duration::from_secs(600) {
+            errs.at(span, "timeout must be at most 10m");
+        }
+    }
     if timeout == Some(Duration::ZERO) {
         errs.at(
             p.timeout.as_ref().expect("zero came from the file"),
@@ -471,13 +559,15 @@ fn validate(
     let mut sources = Vec::new();
     let mut names = HashSet::new();
     for s in &raw.sources {
+        // Named even when its auth is invalid, so rules that use it are not reported too.
+        let name = s.get_ref().name.get_ref();
+        if !names.insert(name.clone()) {
+            errs.at(
+                &s.get_ref().name,
+                format!("source {name:?} is defined twice"),
+            );
+        }
         if let Some(src) = source(errs, s, env, base_dir) {
-            if !names.insert(src.name.clone()) {
-                errs.at(
-                    &s.get_ref().name,
-                    format!("source {:?} is defined twice", src.name),
-                );
-            }
             sources.push(src);
         }
     }
@@ -502,6 +592,7 @@ fn validate(
         server: ServerConfig {
             listen: listen?,
             max_body_bytes,
+            request_timeout: request_timeout?,
         },
         database: DatabaseConfig {
             path: raw.database.path.into_inner(),
@@ -544,19 +635,23 @@ fn token(
             );
             return None;
         }
-        let l = login.get_ref();
-        if !l.email.get_ref().contains('@') {
+        if !login.email.contains('@') {
             errs.at(
-                &l.email,
-                format!(
-                    "login email {:?} is not an email address",
-                    l.email.get_ref()
-                ),
+                t,
+                format!("login email {:?} is not an email address", login.email),
             );
         }
-        let (password, _) = secret(errs, &l.password, env, base_dir, "login password")?;
+        let password = Spanned::new(
+            t.span(),
+            RawSecret {
+                env: login.password.env.clone(),
+                file: login.password.file.clone(),
+                value: login.password.value.clone(),
+            },
+        );
+        let (password, _) = secret(errs, &password, env, base_dir, "login password")?;
         return Some(TokenSource::Login {
-            email: l.email.get_ref().clone(),
+            email: login.email.clone(),
             password,
         });
     }
@@ -731,6 +826,38 @@ fn auth(
     }
 }
 
+/// A standard 5-field cron expression; an error names the field at fault.
+pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
+    const FIELDS: [&str; 5] = ["minute", "hour", "day-of-month", "month", "day-of-week"];
+    let parser = CronParser::builder().seconds(Seconds::Disallowed).build();
+    let err = match parser.parse(expr) {
+        Ok(c) => return Ok(c),
+        Err(e) => e,
+    };
+    let parts: Vec<&str> = expr.split_whitespace().collect();
+    let shape = "5 fields: minute hour day-of-month month day-of-week";
+    if parts.len() == 6 {
+        return Err(format!(
+            "cron expression {expr:?} has 6 fields; a seconds field is not supported ({shape})"
+        ));
+    }
+    if parts.len() != 5 {
+        return Err(format!("bad cron expression {expr:?}: {err} ({shape})"));
+    }
+    for (i, field) in FIELDS.iter().enumerate() {
+        let probe: Vec<&str> = (0..5)
+            .map(|j| if j == i { parts[i] } else { "*" })
+            .collect();
+        if let Err(e) = parser.parse(&probe.join(" ")) {
+            return Err(format!(
+                "bad cron expression {expr:?}: the {field} field {:?} is invalid ({e}; {shape})",
+                parts[i]
+            ));
+        }
+    }
+    Err(format!("bad cron expression {expr:?}: {err} ({shape})"))
+}
+
 fn rule(errs: &mut ConfigErrors, r: &Spanned<RawRule>, sources: &HashSet<String>) -> Option<Rule> {
     let raw = r.get_ref();
     let name = raw.name.get_ref().clone();
@@ -741,16 +868,10 @@ fn rule(errs: &mut ConfigErrors, r: &Spanned<RawRule>, sources: &HashSet<String>
     let trigger = match (&raw.schedule, &raw.webhook) {
         (Some(s), None) => {
             let s = s.get_ref();
-            let cron = CronParser::builder()
-                .seconds(Seconds::Disallowed)
-                .build()
-                .parse(s.cron.get_ref());
+            let cron = parse_cron(s.cron.get_ref());
             let zone = s.timezone.get_ref().parse::<Tz>();
             if let Err(e) = &cron {
-                errs.at(
-                    &s.cron,
-                    format!("bad cron expression {:?}: {e} (5 fields: minute hour day-of-month month day-of-week)", s.cron.get_ref()),
-                );
+                errs.at(&s.cron, e.clone());
             }
             if zone.is_err() {
                 errs.at(
@@ -762,11 +883,23 @@ fn rule(errs: &mut ConfigErrors, r: &Spanned<RawRule>, sources: &HashSet<String>
                 );
             }
             match (cron, zone) {
-                (Ok(cron), Ok(zone)) => Some(Trigger::Schedule(Box::new(Schedule {
-                    expr: s.cron.get_ref().clone(),
-                    cron,
-                    zone,
-                }))),
+                (Ok(cron), Ok(zone)) => {
+                    let schedule = Schedule {
+                        expr: s.cron.get_ref().clone(),
+                        cron,
+                        zone,
+                    };
+                    if schedule.next_after(chrono::Utc::now()).is_none() {
+                        errs.at(
+                            &s.cron,
+                            format!(
+                                "cron expression {:?} never fires (no such date)",
+                                s.cron.get_ref()
+                            ),
+                        );
+                    }
+                    Some(Trigger::Schedule(Box::new(schedule)))
+                }
                 _ => None,
             }
         }
@@ -849,6 +982,14 @@ fn rule(errs: &mut ConfigErrors, r: &Spanned<RawRule>, sources: &HashSet<String>
             let mut json = serde_json::Map::new();
             let mut ok = true;
             for (k, v) in s.get_ref() {
+                if non_finite(v.get_ref()) {
+                    errs.at(
+                        v,
+                        format!("`{}`: NaN and infinity cannot be sent", k.get_ref()),
+                    );
+                    ok = false;
+                    continue;
+                }
                 match crate::rules::PatchSet::from_json(&Value::Object(
                     [(k.get_ref().clone(), toml_to_json(v.get_ref()))]
                         .into_iter()

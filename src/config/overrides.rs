@@ -9,10 +9,10 @@ pub const PREFIX: &str = "AUTOPILOT_";
 
 /// Returns the text with overrides applied and the names of the variables used.
 pub fn apply(text: &str, env: &[(String, String)]) -> Result<(String, Vec<String>), String> {
-    let mut vars: Vec<_> = env
-        .iter()
-        .filter(|(k, _)| k.starts_with(PREFIX) && k.len() > PREFIX.len())
-        .collect();
+    if env.iter().any(|(k, _)| k == PREFIX) {
+        return Err(format!("{PREFIX} names no key: write {PREFIX}SECTION__KEY"));
+    }
+    let mut vars: Vec<_> = env.iter().filter(|(k, _)| k.starts_with(PREFIX)).collect();
     if vars.is_empty() {
         return Ok((text.to_string(), Vec::new()));
     }

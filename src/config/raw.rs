@@ -29,6 +29,7 @@ pub struct RawServer {
     #[serde(default = "default_listen")]
     pub listen: Spanned<String>,
     pub max_body_bytes: Option<usize>,
+    pub request_timeout: Option<Spanned<String>>,
 }
 
 impl Default for RawServer {
@@ -36,6 +37,7 @@ impl Default for RawServer {
         Self {
             listen: default_listen(),
             max_body_bytes: None,
+            request_timeout: None,
         }
     }
 }
@@ -74,19 +76,44 @@ pub struct RawPlatform {
 
 /// A secret, or `{ login = { email = "...", password = { env = "..." } } }`.
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "toml::Value")]
 pub struct RawToken {
     pub env: Option<String>,
     pub file: Option<String>,
     pub value: Option<String>,
-    pub login: Option<Spanned<RawLogin>>,
+    pub login: Option<RawLogin>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenFields {
+    env: Option<String>,
+    file: Option<String>,
+    value: Option<String>,
+    login: Option<RawLogin>,
+}
+
+impl TryFrom<toml::Value> for RawToken {
+    type Error = String;
+    fn try_from(v: toml::Value) -> Result<Self, String> {
+        let f: TokenFields = table_only(
+            v,
+            "the platform token must be a table: { env = \"NAME\" }, { file = \"/path\" }, { value = \"...\" } or { login = { email = \"...\", password = { env = \"NAME\" } } } (the value given is not shown)",
+        )?;
+        Ok(RawToken {
+            env: f.env,
+            file: f.file,
+            value: f.value,
+            login: f.login,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawLogin {
-    pub email: Spanned<String>,
-    pub password: Spanned<RawSecret>,
+    pub email: String,
+    pub password: RawSecret,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -102,13 +129,46 @@ pub struct RawQueue {
     pub shutdown_grace: Option<Spanned<String>>,
 }
 
-/// `{ env = "NAME" }`, `{ file = "/path" }` or `{ value = "..." }`.
+/// `{ env = "NAME" }`, `{ file = "/path" }` or `{ value = "..." }`. Anything else is
+/// refused without echoing it: a secret pasted in the wrong shape must not reach the
+/// error message (or the journal it goes to).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, try_from = "toml::Value")]
 pub struct RawSecret {
     pub env: Option<String>,
     pub file: Option<String>,
     pub value: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SecretFields {
+    env: Option<String>,
+    file: Option<String>,
+    value: Option<String>,
+}
+
+const SECRET_SHAPE: &str = "a secret must be a table: { env = \"NAME\" }, { file = \"/path\" } or { value = \"...\" } (the value given is not shown)";
+
+fn table_only<T: serde::de::DeserializeOwned>(v: toml::Value, shape: &str) -> Result<T, String> {
+    match v {
+        toml::Value::Table(t) => toml::Value::Table(t)
+            .try_into()
+            .map_err(|e: toml::de::Error| e.message().to_string()),
+        _ => Err(shape.to_string()),
+    }
+}
+
+impl TryFrom<toml::Value> for RawSecret {
+    type Error = String;
+    fn try_from(v: toml::Value) -> Result<Self, String> {
+        let f: SecretFields = table_only(v, SECRET_SHAPE)?;
+        Ok(RawSecret {
+            env: f.env,
+            file: f.file,
+            value: f.value,
+        })
+    }
 }
 
 #[derive(Debug, Deserialize)]

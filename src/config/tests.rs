@@ -73,7 +73,7 @@ fn six_field_cron_is_rejected() {
     let text = format!(
         "{HEAD}[[rules]]\nname = \"r\"\nschedule = {{ cron = \"0 0 18 * * *\", timezone = \"UTC\" }}\nagents = [1]\nset = {{ status = \"active\" }}\n"
     );
-    assert!(errors(&text).contains("bad cron expression"));
+    assert!(errors(&text).contains("has 6 fields; a seconds field is not supported"));
 }
 
 #[test]
@@ -137,4 +137,101 @@ fn several_errors_are_reported_together() {
     );
     let e = load(&text).unwrap_err();
     assert_eq!(e.messages().len(), 2, "{e}");
+}
+
+#[test]
+fn a_secret_in_the_wrong_shape_is_not_echoed() {
+    let e = errors("[platform]\nbase_url = \"http://x/v3\"\ntoken = \"Sup3rS3cretTok\"\n");
+    assert!(
+        e.contains("test.toml:3:9:") && e.contains("must be a table"),
+        "{e}"
+    );
+    assert!(!e.contains("Sup3rS3cretTok"), "the secret leaked into: {e}");
+    let e = errors(&format!(
+        "{HEAD}[[sources]]\nname = \"s\"\nauth = {{ kind = \"static\", field = \"/t\", secret = \"MyHookS3cret\" }}\n"
+    ));
+    assert!(!e.contains("MyHookS3cret"), "the secret leaked into: {e}");
+}
+
+#[test]
+fn absurd_numbers_are_refused_not_panicked_on() {
+    for (extra, want) in [
+        (
+            "timeout = \"18446744073709551615s\"\n",
+            "longer than the limit",
+        ),
+        ("timeout = \"500000000years\"\n", "longer than the limit"),
+        ("timeout = \"1h\"\n", "at most 10m"),
+        ("requests_per_second = 1e-300\n", "between 0.01 and 100000"),
+        (
+            "max_in_flight = 9223372036854775807\n",
+            "between 1 and 100000",
+        ),
+    ] {
+        let e = errors(&format!("{HEAD}{extra}"));
+        assert!(e.contains(want), "{extra}: {e}");
+    }
+    let e = errors(&format!(
+        "{HEAD}[queue]\nlease = \"500000000years\"\nmax_age = \"9999years\"\n"
+    ));
+    assert!(e.matches("longer than the limit").count() == 2, "{e}");
+}
+
+#[test]
+fn override_errors_keep_file_positions_or_name_the_override() {
+    let text = format!(
+        "{HEAD}[[rules]]\nname = \"r\"\nschedule = {{ cron = \"0 18 * * *\", timezone = \"UTC\" }}\nagents = [1]\nset = {{ greeting = \"hi\" }}\n"
+    );
+    let mut env = env();
+    env.push(("AUTOPILOT_QUEUE__LEASE".into(), "60s".into()));
+    let e = Config::from_toml(&text, Path::new("test.toml"), &env)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("test.toml:8:9: unknown PATCH field `greeting`"),
+        "{e}"
+    );
+
+    let env = vec![("AUTOPILOT_QUEUE__WORKERS".into(), "0".into())];
+    let e = Config::from_toml(HEAD, Path::new("test.toml"), &env)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("workers must be between 1 and 256 (after the environment overrides AUTOPILOT_QUEUE__WORKERS)"), "{e}");
+
+    let env = vec![("AUTOPILOT_".into(), "x".into())];
+    let e = Config::from_toml(HEAD, Path::new("test.toml"), &env)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("AUTOPILOT_ names no key"), "{e}");
+}
+
+#[test]
+fn never_firing_cron_and_nan_are_errors() {
+    let text = format!(
+        "{HEAD}[[rules]]\nname = \"r\"\nschedule = {{ cron = \"0 8 31 2 *\", timezone = \"UTC\" }}\nagents = [1]\nset = {{ config = {{ volume = nan }} }}\n"
+    );
+    let e = errors(&text);
+    assert!(e.contains("never fires"), "{e}");
+    assert!(e.contains("NaN and infinity cannot be sent"), "{e}");
+}
+
+#[test]
+fn a_missing_source_secret_does_not_also_undefine_the_source() {
+    let text = format!(
+        "{HEAD}[[sources]]\nname = \"s\"\nauth = {{ kind = \"static\", field = \"/t\", secret = {{ env = \"NOT_SET_ANYWHERE\" }} }}\n[[rules]]\nname = \"r\"\nwebhook = {{ source = \"s\" }}\nagent = \"/a\"\nset = {{ status = \"active\" }}\n"
+    );
+    let e = load(&text).unwrap_err();
+    assert_eq!(e.messages().len(), 1, "{e}");
+}
+
+#[test]
+fn non_utf8_file_is_located() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bin.toml");
+    std::fs::write(&p, b"[platform]\nbase_url = \"\xff\"\n").unwrap();
+    let e = Config::load(&p, &[]).unwrap_err().to_string();
+    assert!(
+        e.contains("bin.toml:2:13: the file is not UTF-8 text"),
+        "{e}"
+    );
 }

@@ -34,7 +34,12 @@ pub fn verify_raw(auth: &SourceAuth, offered: &Offered<'_>) -> Verdict {
                 return Verdict::Denied("signature header missing");
             };
             let sig = sig.trim();
-            let Some(sig) = sig.strip_prefix(prefix.as_str()) else {
+            // The prefix (e.g. `sha256=`) is matched without regard to case.
+            let Some(sig) = sig
+                .get(..prefix.len())
+                .filter(|p| p.eq_ignore_ascii_case(prefix))
+                .map(|_| &sig[prefix.len()..])
+            else {
                 return Verdict::Denied("signature prefix missing");
             };
             let given = match encoding {
@@ -66,8 +71,9 @@ pub fn verify_raw(auth: &SourceAuth, offered: &Offered<'_>) -> Verdict {
                 return Verdict::Denied("authorization header missing");
             };
             let Some(b64) = h
-                .strip_prefix("Basic ")
-                .or_else(|| h.strip_prefix("basic "))
+                .split_once(' ')
+                .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("basic"))
+                .map(|(_, rest)| rest)
             else {
                 return Verdict::Denied("not basic authorization");
             };
@@ -122,13 +128,14 @@ pub fn check_static_body(auth: &SourceAuth, payload: &Value, is_form: bool) -> V
     }
 }
 
-/// Removes the static secret from a payload before it is stored.
-pub fn redact(auth: &SourceAuth, payload: &mut Value, is_form: bool) {
+/// Removes the static secret from a payload before it is stored. Returns whether the
+/// source carries its secret in the body at all.
+pub fn redact(auth: &SourceAuth, payload: &mut Value, is_form: bool) -> bool {
     let SourceAuth::Static {
         field, form_field, ..
     } = auth
     else {
-        return;
+        return false;
     };
     let target = if is_form {
         form_field
@@ -140,12 +147,15 @@ pub fn redact(auth: &SourceAuth, payload: &mut Value, is_form: bool) {
     if let Some(v) = target {
         *v = Value::String("[redacted]".into());
     }
+    true
 }
 
+/// Constant-time equality that does not reveal the secret's length either: both sides
+/// are hashed first, and the digests are compared in constant time.
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    // Length is not secret-dependent in a way worth hiding for fixed secrets; the
-    // content comparison is constant-time.
-    a.len() == b.len() && bool::from(a.ct_eq(b))
+    use sha2::Digest;
+    let (da, db) = (Sha256::digest(a), Sha256::digest(b));
+    bool::from(da.as_slice().ct_eq(db.as_slice()))
 }
 
 #[derive(Debug, PartialEq, Eq)]

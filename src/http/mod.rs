@@ -31,11 +31,18 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     let limit = state.config.server.max_body_bytes;
+    let timeout = state.config.server.request_timeout;
     Router::new()
         .route("/webhooks/{source}", post(ingest))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(DefaultBodyLimit::max(limit))
+        // A sender that trickles its body is cut off (408) instead of holding a slot.
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            timeout,
+        ))
         .with_state(state)
 }
 
@@ -147,11 +154,18 @@ fn unauthorized(source: &str, why: &str) -> ApiError {
 
 async fn ingest(
     State(st): State<AppState>,
-    Path(source_name): Path<String>,
+    source_name: Result<Path<String>, axum::extract::rejection::PathRejection>,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let Ok(Path(source_name)) = source_name else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown webhook source",
+        ));
+    };
+    let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let Some(source) = st.config.source(&source_name) else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -191,8 +205,21 @@ async fn ingest(
         }
     }
 
-    let dedupe_key = dedupe_key(source.id.as_ref(), &headers, &payload, &body, &source.name);
-    auth::redact(&source.auth, &mut payload, is_form);
+    // A static secret travels in the body: the body hash (the fallback dedupe key) is
+    // taken over the redacted payload, so the stored key cannot confirm a guessed secret.
+    let redacted = auth::redact(&source.auth, &mut payload, is_form);
+    let hashed: Vec<u8> = if redacted {
+        payload.to_string().into_bytes()
+    } else {
+        body.to_vec()
+    };
+    let dedupe_key = dedupe_key(
+        source.id.as_ref(),
+        &headers,
+        &payload,
+        &hashed,
+        &source.name,
+    );
     let now = st.clock.now();
 
     // Evaluate every rule of this source against what we know of its agents.

@@ -25,11 +25,16 @@ pub struct RetryPolicy {
     pub max_retry_after: Duration,
     /// A job still failing this long after it was created is dead.
     pub max_age: Duration,
+    /// After a timeout the request may still be running at the platform: the retry (and
+    /// so the agent's next PATCH) waits at least this long, so a slow request lands
+    /// before, not after, the next one. The platform timeout.
+    pub after_timeout: Duration,
 }
 
 impl RetryPolicy {
-    pub fn from_config(q: &QueueConfig) -> Self {
+    pub fn from_config(q: &QueueConfig, platform_timeout: Duration) -> Self {
         Self {
+            after_timeout: platform_timeout,
             max_attempts: q.max_attempts,
             initial_backoff: q.initial_backoff,
             max_backoff: q.max_backoff,
@@ -80,6 +85,27 @@ pub struct Queue {
 }
 
 impl Queue {
+    /// Puts jobs whose lease ran out back in line: at start and then every quarter lease
+    /// (at least every 30 s), so a job of a crashed process is retried within about
+    /// 1.25 leases.
+    pub async fn rescue_loop(self, cancel: CancellationToken) {
+        let every = (self.lease / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+        loop {
+            match self.store.rescue_expired(self.clock.now()).await {
+                Ok(ids) if !ids.is_empty() => {
+                    warn!(jobs = ?ids, "leases ran out (a worker died mid-attempt); jobs are back in line");
+                    self.notify.notify_waiters();
+                }
+                Ok(_) => {}
+                Err(e) => warn!(error = %e, "lease rescue failed; retrying"),
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = self.clock.sleep_until(self.clock.now() + chrono::Duration::from_std(every).unwrap_or_default()) => {}
+            }
+        }
+    }
+
     /// Claims and processes one job. After `cancel`, an in-flight job has
     /// `shutdown_grace` to finish; then it is cut off and put back in line (the platform
     /// may or may not have applied it: the attempt is counted and says so).
@@ -272,9 +298,12 @@ impl Queue {
             job.created_at + chrono::Duration::from_std(self.policy.max_age).unwrap_or_default();
         let mut error = e.to_string();
         let (status, next) = if e.retryable() && job.attempt < self.policy.max_attempts {
-            let delay = self
+            let mut delay = self
                 .policy
                 .delay(job.attempt, e.retry_after, &mut rand::rng());
+            if e.kind == crate::platform::ErrorKind::Timeout {
+                delay = delay.max(self.policy.after_timeout);
+            }
             let next = now + chrono::Duration::from_std(delay).unwrap_or_default();
             if next > deadline {
                 error = format!(
@@ -327,6 +356,7 @@ mod tests {
             max_backoff: Duration::from_secs(10),
             max_retry_after: Duration::from_secs(60),
             max_age: Duration::from_secs(3600),
+            after_timeout: Duration::from_secs(10),
         };
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         for attempt in 1..20 {

@@ -17,7 +17,21 @@ impl DbLock {
             std::fs::create_dir_all(dir)
                 .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
         }
-        let path = PathBuf::from(format!("{}.lock", db_path.display()));
+        // The lock belongs to the file, not to the name it was reached by: resolve
+        // symlinks and relative paths first, so two spellings of one database collide.
+        let real = match std::fs::canonicalize(db_path) {
+            Ok(p) => p,
+            Err(_) => {
+                let dir = db_path
+                    .parent()
+                    .filter(|d| !d.as_os_str().is_empty())
+                    .unwrap_or(Path::new("."));
+                let dir = std::fs::canonicalize(dir)
+                    .map_err(|e| format!("cannot resolve {}: {e}", dir.display()))?;
+                dir.join(db_path.file_name().unwrap_or_default())
+            }
+        };
+        let path = PathBuf::from(format!("{}.lock", real.display()));
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)

@@ -31,6 +31,8 @@ pub enum StoreError {
     Dir(String, std::io::Error),
     #[error("stored JSON is corrupt: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("{0}")]
+    Schema(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -289,6 +291,50 @@ impl Store {
         Ok(Store { write, read })
     }
 
+    /// Opens a database an autopilot daemon already created, for tools that work beside
+    /// it: never creates, migrates or changes the journal mode of a file, and refuses one
+    /// whose schema is not this version's.
+    pub async fn open_existing(path: &Path) -> Result<Store> {
+        let base = SqliteConnectOptions::new()
+            .filename(path)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true)
+            .synchronous(SqliteSynchronous::Full);
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(base.clone())
+            .await?;
+        let applied: Result<Option<i64>, sqlx::Error> =
+            sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&write)
+                .await;
+        let latest = MIGRATOR.iter().map(|m| m.version).max();
+        match applied {
+            Ok(v) if v == latest => {}
+            Ok(v) => {
+                write.close().await;
+                return Err(StoreError::Schema(format!(
+                    "{} has schema version {} but this autopilot expects {}: run `autopilot migrate`",
+                    path.display(),
+                    v.map_or("none".into(), |v| v.to_string()),
+                    latest.unwrap_or_default()
+                )));
+            }
+            Err(_) => {
+                write.close().await;
+                return Err(StoreError::Schema(format!(
+                    "{} is not an autopilot database",
+                    path.display()
+                )));
+            }
+        }
+        let read = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(base.read_only(true))
+            .await?;
+        Ok(Store { write, read })
+    }
+
     pub async fn close(&self) {
         self.write.close().await;
         self.read.close().await;
@@ -467,8 +513,8 @@ impl Store {
 
     // ---- queue -------------------------------------------------------------------
 
-    /// Leases the next sendable job. A job is sendable when it is due (or its lease ran
-    /// out: its worker died) and it heads its agent's line: no earlier-caused job of the
+    /// Leases the next sendable job. A job is sendable when it is due and it heads its
+    /// agent's line: no earlier-caused job of the
     /// same agent is unfinished. So each agent has at most one job in flight, and its
     /// jobs go out in cause order.
     pub async fn claim(
@@ -484,8 +530,7 @@ impl Store {
                     attempts = attempts + 1, updated_at = ?3
              WHERE id = (
                 SELECT j.id FROM jobs j
-                WHERE ((j.status = 'pending' AND j.next_attempt_at <= ?3)
-                       OR (j.status = 'leased' AND j.lease_until <= ?3))
+                WHERE j.status = 'pending' AND j.next_attempt_at <= ?3
                   AND NOT EXISTS (
                       SELECT 1 FROM jobs k
                       WHERE k.agent_id = j.agent_id AND k.status IN ('pending', 'leased')
@@ -589,15 +634,39 @@ impl Store {
         Ok(())
     }
 
-    /// When the queue next has something to do: the earliest due time or lease expiry.
+    /// When the queue next has something to do: the earliest due pending job.
     pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>> {
-        let v: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(CASE status WHEN 'pending' THEN next_attempt_at ELSE lease_until END)
-             FROM jobs WHERE status IN ('pending', 'leased')",
-        )
-        .fetch_one(&self.read)
-        .await?;
+        let v: Option<i64> =
+            sqlx::query_scalar("SELECT MIN(next_attempt_at) FROM jobs WHERE status = 'pending'")
+                .fetch_one(&self.read)
+                .await?;
         Ok(v.map(from_ms))
+    }
+
+    /// Jobs whose lease ran out (their worker died mid-attempt) go back in line, and the
+    /// lost attempt gets its row in `job_attempts`, in one transaction. Returns their ids.
+    pub async fn rescue_expired(&self, now: DateTime<Utc>) -> Result<Vec<i64>> {
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO job_attempts (job_id, attempt, started_at, finished_at, http_status, request_id, outcome, error)
+             SELECT id, attempts, updated_at, ?1, NULL, NULL, 'lost',
+                    'the worker holding the lease stopped (crash or kill) before recording an outcome; the platform may have applied it'
+             FROM jobs WHERE status = 'leased' AND lease_until <= ?1",
+        )
+        .bind(ms(now))
+        .execute(&mut *tx)
+        .await?;
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "UPDATE jobs SET status = 'pending', lease_owner = NULL, lease_until = NULL,
+                    next_attempt_at = ?1, last_error = 'lease ran out: the attempt was lost', updated_at = ?1
+             WHERE status = 'leased' AND lease_until <= ?1
+             RETURNING id",
+        )
+        .bind(ms(now))
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(ids)
     }
 
     // ---- operator actions (work beside a running daemon) ----------------------------
@@ -673,6 +742,15 @@ impl Store {
     }
 
     // ---- inspection ----------------------------------------------------------------
+
+    /// Jobs not finished yet (pending or leased).
+    pub async fn open_jobs(&self) -> Result<i64> {
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE status IN ('pending', 'leased')")
+                .fetch_one(&self.read)
+                .await?,
+        )
+    }
 
     pub async fn jobs(&self, status: Option<&str>, agent: Option<i64>) -> Result<Vec<JobRow>> {
         let rows = sqlx::query(

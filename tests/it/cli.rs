@@ -169,3 +169,23 @@ async fn jobs_cli_lists_retries_and_discards_beside_a_running_daemon() {
     assert_eq!(code, Some(0));
     assert!(out.contains("0 dead job(s)"), "{out}");
 }
+
+#[test]
+fn jobs_cli_refuses_a_database_that_is_not_autopilots() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other.db");
+    std::fs::write(&other, b"").unwrap();
+    let out = autopilot()
+        .args(["jobs", "list", "--db"])
+        .arg(&other)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("is not an autopilot database"), "{err}");
+    assert_eq!(
+        std::fs::metadata(&other).unwrap().len(),
+        0,
+        "the file was not touched"
+    );
+}

@@ -224,6 +224,16 @@ async fn a_crash_mid_send_loses_nothing() {
     .await;
     let job = &t.store().jobs(None, None).await.unwrap()[0];
     assert_eq!(job.attempts, 2, "the crashed attempt is counted");
+    let attempts = t.store().attempts(job.id).await.unwrap();
+    let outcomes: Vec<_> = attempts
+        .iter()
+        .map(|a| (a.attempt, a.outcome.as_str()))
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![(1, "lost"), (2, "done")],
+        "the lost attempt has its row"
+    );
 }
 
 #[tokio::test]
@@ -369,4 +379,22 @@ async fn requests_per_second_spaces_out_patches() {
         "{:?}",
         at[9] - at[0]
     );
+}
+
+#[tokio::test]
+async fn the_lock_follows_the_file_not_the_name() {
+    let t = spawn().await;
+    let alias = t.dir.path().join("alias.db");
+    std::os::unix::fs::symlink(t.db_path(), &alias).unwrap();
+    let mut config = t.config();
+    config.database.path = alias;
+    let err = autopilot::app::App::start(
+        config,
+        t.clock.clone(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await
+    .err()
+    .expect("a second instance through a symlink must fail");
+    assert!(format!("{err:#}").contains("in use by another autopilot process"));
 }

@@ -342,3 +342,83 @@ async fn http_errors_are_clear() {
     assert_eq!(r.status(), 400);
     assert_eq!(t.store().delivery_count("convirza").await.unwrap(), 0);
 }
+
+#[tokio::test]
+async fn every_error_answer_is_json() {
+    let t = spawn().await;
+    let big = vec![b' '; 2 << 20];
+    let r = t.post("convirza", "application/json", big, &[]).await;
+    assert_eq!(r.status(), 413);
+    let v: serde_json::Value = r.json().await.expect("413 is JSON");
+    assert!(v["error"].as_str().unwrap().contains("length limit"), "{v}");
+    let r = t
+        .http
+        .get(format!("http://{}/webhooks/convirza/extra", t.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["error"],
+        "no such endpoint"
+    );
+}
+
+#[tokio::test]
+async fn basic_scheme_and_hmac_prefix_ignore_case() {
+    let t = spawn().await;
+    let r = t
+        .post(
+            "ops",
+            "application/json",
+            br#"{"action":"resume","agent":101}"#.to_vec(),
+            &[("Authorization", "BASIC b3BzOmh1bnRlcjItYmFzaWM=")],
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    let sig = format!("SHA256={POST_CALL_SIG}");
+    let r = t
+        .post(
+            "gateway",
+            "application/json",
+            sample("post-call.json"),
+            &[("X-Signature", &sig)],
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+}
+
+#[tokio::test]
+async fn the_body_hash_of_a_static_source_cannot_confirm_the_secret() {
+    use sha2::Digest;
+    // The convirza source without an `id`: dedupe falls back to a hash.
+    let t = spawn_with(Options {
+        rules: RULES.replace("id = \"/call_id\"\n", ""),
+        ..Options::default()
+    })
+    .await;
+    let body = sample("pre-call.form");
+    let r = t
+        .post(
+            "convirza",
+            "application/x-www-form-urlencoded",
+            body.clone(),
+            &[],
+        )
+        .await;
+    assert_eq!(r.status(), 202);
+    let raw_hash = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body)));
+    let db = std::fs::read(t.db_path()).unwrap();
+    let wal = std::fs::read(t.db_path().with_extension("db-wal")).unwrap_or_default();
+    let hay = [db, wal].concat();
+    assert!(
+        !hay.windows(raw_hash.len())
+            .any(|w| w == raw_hash.as_bytes()),
+        "raw body hash stored"
+    );
+    // Still deduplicated.
+    let r = t
+        .post("convirza", "application/x-www-form-urlencoded", body, &[])
+        .await;
+    assert_eq!(r.status(), 200);
+}
