@@ -583,7 +583,7 @@ fn validate(
                 format!("rule {name:?} is defined twice; rule names are keys in the audit trail"),
             );
         }
-        if let Some(rule) = rule(errs, r, &names) {
+        if let Some(rule) = rule(errs, r, &names, base_dir) {
             rules.push(rule);
         }
     }
@@ -826,6 +826,31 @@ fn auth(
     }
 }
 
+/// `files` paths, relative to the config file, made absolute; each must be a readable file.
+fn resolve_files(v: &Value, base_dir: &Path) -> Result<Value, String> {
+    let list = match v {
+        Value::String(s) => vec![s.clone()],
+        Value::Array(items) => items
+            .iter()
+            .filter_map(|i| i.as_str().map(str::to_string))
+            .collect(),
+        _ => return Err("`files` must be a path or a list of paths".into()),
+    };
+    let mut out = Vec::new();
+    for p in list {
+        let path = base_dir.join(&p);
+        match std::fs::File::open(&path).and_then(|f| f.metadata()) {
+            Ok(m) if m.is_file() => {
+                let abs = std::fs::canonicalize(&path).unwrap_or(path);
+                out.push(Value::String(abs.display().to_string()));
+            }
+            Ok(_) => return Err(format!("`files`: {} is not a file", path.display())),
+            Err(e) => return Err(format!("`files`: cannot read {}: {e}", path.display())),
+        }
+    }
+    Ok(Value::Array(out))
+}
+
 /// A standard 5-field cron expression; an error names the field at fault.
 pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
     const FIELDS: [&str; 5] = ["minute", "hour", "day-of-month", "month", "day-of-week"];
@@ -858,7 +883,12 @@ pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
     Err(format!("bad cron expression {expr:?}: {err} ({shape})"))
 }
 
-fn rule(errs: &mut ConfigErrors, r: &Spanned<RawRule>, sources: &HashSet<String>) -> Option<Rule> {
+fn rule(
+    errs: &mut ConfigErrors,
+    r: &Spanned<RawRule>,
+    sources: &HashSet<String>,
+    base_dir: &Path,
+) -> Option<Rule> {
     let raw = r.get_ref();
     let name = raw.name.get_ref().clone();
     if name.trim().is_empty() {
@@ -995,6 +1025,17 @@ fn rule(errs: &mut ConfigErrors, r: &Spanned<RawRule>, sources: &HashSet<String>
                         .into_iter()
                         .collect(),
                 )) {
+                    Ok(_) if k.get_ref() == "files" => {
+                        match resolve_files(&toml_to_json(v.get_ref()), base_dir) {
+                            Ok(files) => {
+                                json.insert("files".into(), files);
+                            }
+                            Err(e) => {
+                                errs.at(v, e);
+                                ok = false;
+                            }
+                        }
+                    }
                     Ok(_) => {
                         json.insert(k.get_ref().clone(), toml_to_json(v.get_ref()));
                     }

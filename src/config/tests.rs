@@ -235,3 +235,28 @@ fn non_utf8_file_is_located() {
         "{e}"
     );
 }
+
+#[test]
+fn files_must_exist_and_are_resolved_from_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("guide.pdf"), b"%PDF").unwrap();
+    let rule = |files: &str| {
+        format!(
+            "{HEAD}[[rules]]\nname = \"r\"\nschedule = {{ cron = \"0 18 * * *\", timezone = \"UTC\" }}\nagents = [1]\nset = {{ files = {files} }}\n"
+        )
+    };
+    let origin = dir.path().join("autopilot.toml");
+    let c = Config::from_toml(&rule("[\"guide.pdf\"]"), &origin, &[]).unwrap();
+    let files = c.rules[0].set.files();
+    assert!(
+        files[0].ends_with("guide.pdf") && Path::new(&files[0]).is_absolute(),
+        "{files:?}"
+    );
+    let e = Config::from_toml(&rule("[\"missing.pdf\"]"), &origin, &[])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("autopilot.toml:8:17: `files`: cannot read"),
+        "{e}"
+    );
+}

@@ -180,17 +180,25 @@ impl PlatformClient {
         .await
     }
 
-    /// `PATCH /ai-voice-agents/{id}` as multipart/form-data with the given fields.
+    /// `PATCH /ai-voice-agents/{id}` as multipart/form-data with the given fields and
+    /// file parts (name, content) under `files`.
     pub async fn patch_agent(
         &self,
         id: i64,
         fields: &[(String, String)],
+        files: &[(String, Vec<u8>)],
     ) -> Result<Reply, PlatformError> {
         let url = self.agent_url(id);
         self.send_authed(|t| {
             let mut form = reqwest::multipart::Form::new();
             for (k, v) in fields {
                 form = form.text(k.clone(), v.clone());
+            }
+            for (name, content) in files {
+                form = form.part(
+                    "files",
+                    reqwest::multipart::Part::bytes(content.clone()).file_name(name.clone()),
+                );
             }
             self.http
                 .patch(&url)

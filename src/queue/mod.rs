@@ -236,6 +236,55 @@ impl Queue {
             }
         };
 
+        // Files are appended by the platform, so a PATCH with files is not idempotent: a
+        // retry first reads the agent and leaves out the files it already lists.
+        let retry_with_files = job.attempt > 1 && !set.files().is_empty();
+        let mut set = set;
+        if retry_with_files {
+            match self.client.get_agent(job.agent_id).await {
+                Ok(reply) => {
+                    let present: Vec<String> = reply.data["knowledgebase_files"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|v| v.as_str().map(str::to_string))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let before = set.files().len();
+                    set = set.without_files_named(&present);
+                    let skipped = before - set.files().len();
+                    if skipped > 0 {
+                        info!(
+                            skipped,
+                            "retry: the agent already lists these files; not sending them again"
+                        );
+                    }
+                    if let Err(e) = self
+                        .store
+                        .save_agent_state(job.agent_id, &reply.data, "get", self.clock.now())
+                        .await
+                    {
+                        warn!(error = %e, "could not store the agent's state");
+                    }
+                    if set.is_empty() {
+                        return Finish {
+                            status: JobStatus::Done,
+                            next_attempt_at: None,
+                            http_status: Some(reply.status),
+                            error: Some("an earlier attempt had already attached every file; nothing left to send".into()),
+                            request_id: reply.request_id,
+                            started_at,
+                            finished_at: self.clock.now(),
+                            new_state: Some(reply.data),
+                            attempted: true,
+                        };
+                    }
+                }
+                Err(e) => return self.failed(job, started_at, e),
+            }
+        }
+
         // The agent's state is needed to re-check `when` and to merge `config`.
         let needs_state = !guard.is_empty() || set.get(PatchField::Config).is_some();
         let state = if needs_state {
@@ -253,7 +302,20 @@ impl Queue {
             }
         }
         let form = set.form_fields(state.as_ref().and_then(|s| s.get("config")));
-        match self.client.patch_agent(job.agent_id, &form).await {
+        let mut files = Vec::new();
+        for path in set.files() {
+            match tokio::fs::read(&path).await {
+                Ok(content) => files.push((crate::rules::file_name(&path), content)),
+                Err(e) => {
+                    return finish(
+                        JobStatus::Dead,
+                        Some(format!("cannot read file {path}: {e}")),
+                        false,
+                    )
+                }
+            }
+        }
+        match self.client.patch_agent(job.agent_id, &form, &files).await {
             Ok(reply) => {
                 info!(
                     status = reply.status,

@@ -5,7 +5,7 @@ mod matcher;
 mod patch;
 
 pub use matcher::{Condition, Matcher};
-pub use patch::{PatchField, PatchSet};
+pub use patch::{file_name, PatchField, PatchSet};
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;

@@ -19,10 +19,12 @@ pub enum PatchField {
     KnowledgeBase,
     MoreInformation,
     Status,
+    /// Knowledge-base files: local paths, sent as file parts (appended by the platform).
+    Files,
 }
 
 impl PatchField {
-    pub const ALL: [PatchField; 12] = [
+    pub const ALL: [PatchField; 13] = [
         PatchField::VoiceagentName,
         PatchField::VoiceId,
         PatchField::Greetings,
@@ -35,6 +37,7 @@ impl PatchField {
         PatchField::KnowledgeBase,
         PatchField::MoreInformation,
         PatchField::Status,
+        PatchField::Files,
     ];
 
     pub fn name(self) -> &'static str {
@@ -51,6 +54,7 @@ impl PatchField {
             PatchField::KnowledgeBase => "knowledge_base",
             PatchField::MoreInformation => "more_information",
             PatchField::Status => "status",
+            PatchField::Files => "files",
         }
     }
 
@@ -61,13 +65,6 @@ impl PatchField {
         // The docs' prose writes `greeting`; the form field is `greetings`.
         let hint = match name {
             "greeting" => Some("greetings".to_string()),
-            "files" => {
-                return Err(
-                    "`files` cannot be set by a rule in this version: a PATCH with files \
-                     appends to the knowledge base and is not safe to retry"
-                        .into(),
-                )
-            }
             _ => Self::ALL
                 .iter()
                 .map(|f| (edit_distance(name, f.name()), f.name()))
@@ -116,7 +113,7 @@ impl PatchField {
                     "`config` must be a table such as {{ volume = 0.7 }}, found {v}"
                 )),
             },
-            PatchField::Urls | PatchField::KnowledgeBase => match v {
+            PatchField::Urls | PatchField::KnowledgeBase | PatchField::Files => match v {
                 Value::String(s) => Ok(Value::Array(vec![Value::String(s.clone())])),
                 Value::Array(items) if items.iter().all(Value::is_string) => Ok(v.clone()),
                 _ => Err(format!(
@@ -176,6 +173,38 @@ impl PatchSet {
         self.0.get(&f)
     }
 
+    /// The local paths of the files to attach.
+    pub fn files(&self) -> Vec<String> {
+        match self.0.get(&PatchField::Files) {
+            Some(Value::Array(items)) => items
+                .iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The same set without the files whose names the agent already lists.
+    pub fn without_files_named(&self, present: &[String]) -> PatchSet {
+        let mut out = self.clone();
+        let keep: Vec<Value> = self
+            .files()
+            .into_iter()
+            .filter(|p| !present.contains(&file_name(p)))
+            .map(Value::String)
+            .collect();
+        if keep.is_empty() {
+            out.0.remove(&PatchField::Files);
+        } else {
+            out.0.insert(PatchField::Files, Value::Array(keep));
+        }
+        out
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     pub fn overlaps(&self, other: &PatchSet) -> bool {
         self.0.keys().any(|k| other.0.contains_key(k))
     }
@@ -204,6 +233,8 @@ impl PatchSet {
                     merged.extend(set.clone());
                     out.push((name, Value::Object(merged).to_string()));
                 }
+                // File parts are built by the sender, which reads the files.
+                (PatchField::Files, _) => {}
                 (_, Value::Array(items)) => {
                     for item in items {
                         out.push((name.clone(), item.as_str().unwrap_or_default().to_string()));
@@ -215,6 +246,14 @@ impl PatchSet {
         }
         out
     }
+}
+
+/// The name a file is uploaded (and listed by the platform) under.
+pub fn file_name(path: &str) -> String {
+    std::path::Path::new(path)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| path.to_string())
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {

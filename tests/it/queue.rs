@@ -398,3 +398,55 @@ async fn the_lock_follows_the_file_not_the_name() {
     .expect("a second instance through a symlink must fail");
     assert!(format!("{err:#}").contains("in use by another autopilot process"));
 }
+
+#[tokio::test]
+async fn a_retried_patch_never_attaches_a_file_twice() {
+    let files = tempfile::tempdir().unwrap();
+    let guide = files.path().join("night-guide.txt");
+    std::fs::write(&guide, "Escalate urgent calls to the on-call manager.").unwrap();
+    let rules = format!(
+        "[[sources]]\nname = \"s\"\nauth = {{ kind = \"static\", query = \"key\", secret = {{ value = \"k\" }} }}\nid = \"/id\"\n\
+         [[rules]]\nname = \"attach the night guide\"\nwebhook = {{ source = \"s\" }}\nagent = \"/agent\"\nset = {{ files = [{:?}], notification_time = 30 }}\n",
+        guide.display().to_string()
+    );
+    let t = spawn_with(Options {
+        rules,
+        ..Options::default()
+    })
+    .await;
+    // The platform applies the first PATCH, then the connection breaks: the outcome is
+    // unknown to autopilot, which must retry without attaching the file again.
+    t.fault(json!({"drop": true, "count": 1, "path_contains": "/101"}))
+        .await;
+    let r = t
+        .http
+        .post(format!("http://{}/webhooks/s?key=k", t.addr))
+        .json(&json!({"id": 1, "agent": 101}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    t.settle().await;
+    let agent = t.sim_agent(101).await;
+    let listed: Vec<_> = agent["knowledgebase_files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| *f == "night-guide.txt")
+        .collect();
+    assert_eq!(listed.len(), 1, "{agent}");
+    let jobs = t.store().jobs(None, None).await.unwrap();
+    assert_eq!((jobs[0].status.as_str(), jobs[0].attempts), ("done", 2));
+    let patches = t.patches().await;
+    assert_eq!(patches.len(), 2, "the retry still sends the other field");
+    assert_eq!(
+        patches[0]["fields"]["files"],
+        json!({"filename": "night-guide.txt"})
+    );
+    assert!(
+        patches[1]["fields"].get("files").is_none(),
+        "{}",
+        patches[1]
+    );
+    assert_eq!(patches[1]["fields"]["notification_time"], "30");
+}
