@@ -69,6 +69,23 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Every PATCH the schedules would send in a time range. Reads only the config.
+    Plan {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Start (RFC 3339, or a date taken as 00:00 UTC). Default: now.
+        #[arg(long)]
+        from: Option<String>,
+        /// End (RFC 3339 or a date). Default: --for after --from.
+        #[arg(long, conflicts_with = "for_")]
+        until: Option<String>,
+        /// Length of the range, e.g. 7d, 12h.
+        #[arg(long = "for", default_value = "7d")]
+        for_: String,
+        /// One JSON object a line: at, local, rule, agents, set.
+        #[arg(long)]
+        json: bool,
+    },
     /// Inspect and repair the PATCH queue; safe beside a running daemon.
     Jobs {
         #[command(subcommand)]
@@ -148,6 +165,13 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Demo { config, listen } => demo(config, listen).await,
             Command::Migrate { config } => migrate(&config).await,
             Command::Jobs { action } => jobs(action).await,
+            Command::Plan {
+                config,
+                from,
+                until,
+                for_,
+                json,
+            } => plan(&config, from, until, &for_, json),
         }
     });
     match result {
@@ -230,7 +254,20 @@ fn check(path: &Path) -> anyhow::Result<()> {
     for rule in &config.rules {
         match &rule.trigger {
             Trigger::Schedule(s) => {
-                println!("  rule {:?}: cron {:?} in {}", rule.name, s.expr, s.zone);
+                println!(
+                    "  rule {:?}: cron {:?} in {} ({})",
+                    rule.name,
+                    s.expr,
+                    s.zone,
+                    if s.is_interval() {
+                        "interval"
+                    } else {
+                        "fixed time"
+                    }
+                );
+                for note in s.surprises() {
+                    println!("    note: {note}");
+                }
                 let mut t = now;
                 for _ in 0..3 {
                     match s.next_after(t) {
@@ -476,4 +513,82 @@ fn clip(s: &str, n: usize) -> String {
         out.push('…');
         out
     }
+}
+
+fn parse_instant(s: &str, what: &str) -> anyhow::Result<chrono::DateTime<chrono::Utc>> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&chrono::Utc));
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
+    }
+    anyhow::bail!(
+        "{what} {s:?} is not an RFC 3339 time (2026-12-03T18:00:00-05:00) or a date (2026-12-03)"
+    )
+}
+
+fn plan(
+    path: &Path,
+    from: Option<String>,
+    until: Option<String>,
+    for_: &str,
+    json: bool,
+) -> anyhow::Result<()> {
+    let config = Config::load_offline(path, &env_vars())
+        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    let from = match from {
+        Some(f) => parse_instant(&f, "--from")?,
+        None => chrono::Utc::now(),
+    };
+    let until = match until {
+        Some(u) => parse_instant(&u, "--until")?,
+        None => {
+            let d = humantime::parse_duration(for_)
+                .map_err(|e| anyhow::anyhow!("--for {for_:?}: {e} (write e.g. 7d, 12h)"))?;
+            if d > crate::config::MAX_DURATION {
+                anyhow::bail!("--for {for_:?} is longer than 366 days");
+            }
+            from + chrono::Duration::from_std(d)?
+        }
+    };
+    if until <= from {
+        anyhow::bail!("the range is empty: --until must be after --from");
+    }
+    let fires = crate::schedule::plan(&config.rules, from, until);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    use std::io::Write;
+    for f in &fires {
+        if json {
+            writeln!(
+                out,
+                "{}",
+                serde_json::json!({
+                    "at": f.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    "local": f.local.to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+                    "rule": f.rule,
+                    "agents": f.agents,
+                    "set": f.set,
+                })
+            )?;
+        } else {
+            let agents: Vec<String> = f.agents.iter().map(|a| a.to_string()).collect();
+            writeln!(
+                out,
+                "{}  {}  {:<28}  agents {}  {}",
+                f.at.format("%Y-%m-%dT%H:%M:%SZ"),
+                f.local.format("%Y-%m-%d %H:%M %:z"),
+                f.rule,
+                agents.join(","),
+                f.set
+            )?;
+        }
+    }
+    if !json {
+        writeln!(
+            out,
+            "{} PATCH fire(s) from {from} until {until}",
+            fires.len()
+        )?;
+    }
+    Ok(())
 }

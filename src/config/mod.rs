@@ -147,11 +147,27 @@ impl Config {
         Self::from_toml(&text, path, env)
     }
 
+    /// Like [`Config::load`], for tools that never contact anything (`plan`): secrets
+    /// are checked for shape but not read, so they need not be set.
+    pub fn load_offline(path: &Path, env: &[(String, String)]) -> Result<Config, ConfigErrors> {
+        let text = read_text(path)?;
+        Self::parse(&text, path, env, true)
+    }
+
     /// Parses config text; `origin` names it in errors.
     pub fn from_toml(
         text: &str,
         origin: &Path,
         env: &[(String, String)],
+    ) -> Result<Config, ConfigErrors> {
+        Self::parse(text, origin, env, false)
+    }
+
+    fn parse(
+        text: &str,
+        origin: &Path,
+        env: &[(String, String)],
+        offline: bool,
     ) -> Result<Config, ConfigErrors> {
         let (changed, applied) =
             overrides::apply(text, env).map_err(|msg| ConfigErrors::single(origin, msg))?;
@@ -159,10 +175,10 @@ impl Config {
         let mut errs = ConfigErrors {
             file: origin.to_path_buf(),
             text: text.to_string(),
-            overrides: Vec::new(),
             items: Vec::new(),
+            offline: false,
         };
-        let with_overrides = match attempt(&changed, env, base_dir) {
+        let with_overrides = match attempt(&changed, env, base_dir, offline) {
             Ok(c) => return Ok(c),
             Err(items) => items,
         };
@@ -173,7 +189,9 @@ impl Config {
         // Positions in the overridden text would point at lines the user never wrote:
         // an error the file has on its own is shown at its place in the file; one that
         // only the overrides cause names them instead.
-        let in_file = attempt(text, env, base_dir).err().unwrap_or_default();
+        let in_file = attempt(text, env, base_dir, offline)
+            .err()
+            .unwrap_or_default();
         for (_, msg) in with_overrides {
             match in_file.iter().find(|(_, m)| *m == msg) {
                 Some((span, _)) => errs.items.push((span.clone(), msg)),
@@ -193,12 +211,17 @@ impl Config {
 type ErrorItems = Vec<(Option<Range<usize>>, String)>;
 
 /// Parses and validates one text; the errors carry byte spans into that text.
-fn attempt(text: &str, env: &[(String, String)], base_dir: &Path) -> Result<Config, ErrorItems> {
+fn attempt(
+    text: &str,
+    env: &[(String, String)],
+    base_dir: &Path,
+    offline: bool,
+) -> Result<Config, ErrorItems> {
     let mut errs = ConfigErrors {
         file: PathBuf::new(),
         text: String::new(),
-        overrides: Vec::new(),
         items: Vec::new(),
+        offline,
     };
     let raw: RawConfig = match toml::from_str(text) {
         Ok(raw) => raw,
@@ -220,8 +243,8 @@ fn read_text(path: &Path) -> Result<String, ConfigErrors> {
         ConfigErrors {
             file: path.to_path_buf(),
             text,
-            overrides: Vec::new(),
             items: vec![(Some(valid..valid), "the file is not UTF-8 text".into())],
+            offline: false,
         }
     })
 }
@@ -251,8 +274,10 @@ pub fn database_path(path: &Path, env: &[(String, String)]) -> Result<PathBuf, C
 pub struct ConfigErrors {
     file: PathBuf,
     text: String,
-    overrides: Vec<String>,
     items: Vec<(Option<Range<usize>>, String)>,
+    /// Validating for an offline tool (`plan`): secrets are checked for shape but not
+    /// resolved, so they need not be set.
+    offline: bool,
 }
 
 impl ConfigErrors {
@@ -260,8 +285,8 @@ impl ConfigErrors {
         Self {
             file: file.to_path_buf(),
             text: String::new(),
-            overrides: Vec::new(),
             items: vec![(None, msg)],
+            offline: false,
         }
     }
 
@@ -292,16 +317,7 @@ impl ConfigErrors {
 
 impl fmt::Display for ConfigErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let msgs = self.messages();
-        write!(f, "{}", msgs.join("\n"))?;
-        if !self.overrides.is_empty() {
-            write!(
-                f,
-                "\n(positions are in the file with these environment overrides applied: {})",
-                self.overrides.join(", ")
-            )?;
-        }
-        Ok(())
+        f.write_str(&self.messages().join("\n"))
     }
 }
 
@@ -359,6 +375,9 @@ fn secret(
             format!("{what}: give exactly one of {{ env = \"NAME\" }}, {{ file = \"/path\" }} or {{ value = \"...\" }}"),
         );
         return None;
+    }
+    if errs.offline {
+        return Some((SecretString::from("(not read offline)"), None));
     }
     let (value, file) = if let Some(name) = &raw.env {
         match env.iter().find(|(k, _)| k == name) {

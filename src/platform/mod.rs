@@ -136,10 +136,6 @@ impl PlatformClient {
         })
     }
 
-    pub fn token(&self) -> &TokenProvider {
-        &self.token
-    }
-
     fn agent_url(&self, id: i64) -> String {
         format!("{}/ai-voice-agents/{id}", self.base_url)
     }

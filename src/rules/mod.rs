@@ -7,7 +7,7 @@ mod patch;
 pub use matcher::{Condition, Matcher};
 pub use patch::{file_name, PatchField, PatchSet};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Timelike, Utc};
 use chrono_tz::Tz;
 use croner::Cron;
 use serde_json::Value;
@@ -45,22 +45,120 @@ pub struct Schedule {
 }
 
 impl Schedule {
-    /// The first fire strictly after `after`, computed in the rule's zone.
+    /// Interval expressions (minute or hour field starting with `*`, or `@hourly`) fire
+    /// at every real instant that matches; the others are fixed-time expressions.
+    pub fn is_interval(&self) -> bool {
+        let e = self.expr.trim();
+        if e.starts_with('@') {
+            return e.eq_ignore_ascii_case("@hourly");
+        }
+        let mut fields = e.split_whitespace();
+        let minute = fields.next().unwrap_or("");
+        let hour = fields.next().unwrap_or("");
+        minute.starts_with('*') || hour.starts_with('*')
+    }
+
+    /// The first fire strictly after `after`, computed in the rule's zone for this very
+    /// occurrence. Daylight saving (see README): an interval expression fires at every
+    /// real instant that matches; a fixed-time expression fires once per matching wall
+    /// time, at its first occurrence in a fold and at the first valid instant after a
+    /// spring-forward gap.
     pub fn next_after(&self, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let local = after.with_timezone(&self.zone);
-        self.cron
-            .find_next_occurrence(&local, false)
-            .ok()
-            .map(|t| t.with_timezone(&Utc))
+        if self.is_interval() {
+            let from = after.with_timezone(&self.zone);
+            return self
+                .cron
+                .find_next_occurrence(&from, false)
+                .ok()
+                .map(|t| t.with_timezone(&Utc));
+        }
+        // Wall times map to instants monotonically under the fixed-time policy, so the
+        // answer is the first matching wall time (in wall-clock order) whose instant is
+        // after `after`. Start a little before `after`'s wall time: in a fold, a later
+        // instant can carry an earlier wall time.
+        let mut wall = after.with_timezone(&self.zone).naive_local() - chrono::Duration::hours(4);
+        for _ in 0..100_000 {
+            wall = self.cron.find_next_occurrence(&wall, false).ok()?;
+            if let Some(at) = self.fixed_instant(wall) {
+                if at > after {
+                    return Some(at);
+                }
+            }
+        }
+        None
+    }
+
+    /// Where a fixed-time expression's wall time lands: its only instant, the first of
+    /// two in a fold, or the first valid instant after a gap.
+    fn fixed_instant(&self, wall: chrono::NaiveDateTime) -> Option<DateTime<Utc>> {
+        use chrono::{LocalResult, TimeZone};
+        match self.zone.from_local_datetime(&wall) {
+            LocalResult::Single(t) => Some(t.with_timezone(&Utc)),
+            LocalResult::Ambiguous(first, _) => Some(first.with_timezone(&Utc)),
+            LocalResult::None => {
+                // In a gap: the first wall minute that exists again starts at the very
+                // instant the clocks jumped.
+                let mut w = wall.with_second(0)?;
+                for _ in 0..(24 * 60) {
+                    w += chrono::Duration::minutes(1);
+                    match self.zone.from_local_datetime(&w) {
+                        LocalResult::Single(t) | LocalResult::Ambiguous(t, _) => {
+                            return Some(t.with_timezone(&Utc))
+                        }
+                        LocalResult::None => continue,
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// What about this expression could surprise its author, for `check` to point out.
+    pub fn surprises(&self) -> Vec<String> {
+        let f: Vec<&str> = self.expr.split_whitespace().collect();
+        if f.len() != 5 {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let star = |s: &str| s == "*" || s == "?";
+        if !f[0].contains('*') && star(f[1]) {
+            out.push(format!(
+                "fires every hour at minute {}; for once a day give the hour too, e.g. \"{} 18 * * *\"",
+                f[0], f[0]
+            ));
+        }
+        if f[0] == "*" && !star(f[1]) {
+            out.push(format!("fires every minute of hour {}", f[1]));
+        }
+        if !star(f[2]) && !star(f[4]) {
+            out.push(
+                "restricts both day-of-month and day-of-week: standard cron fires when EITHER matches"
+                    .into(),
+            );
+        }
+        out
     }
 
     /// The latest fire at or before `at`.
     pub fn latest_at_or_before(&self, at: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        let local = at.with_timezone(&self.zone);
-        self.cron
-            .find_previous_occurrence(&local, true)
-            .ok()
-            .map(|t| t.with_timezone(&Utc))
+        // Step back a day at a time and walk forward: the schedule's own rule decides.
+        let mut from = at - chrono::Duration::days(1);
+        for _ in 0..400 {
+            let mut last = None;
+            let mut t = from;
+            while let Some(n) = self.next_after(t) {
+                if n > at {
+                    break;
+                }
+                last = Some(n);
+                t = n;
+            }
+            if last.is_some() {
+                return last;
+            }
+            from -= chrono::Duration::days(1);
+        }
+        None
     }
 }
 
@@ -256,6 +354,9 @@ pub fn valid_until(
         .filter_map(|other| other.schedule()?.next_after(fired_at))
         .min()
 }
+
+#[cfg(test)]
+mod dst_tests;
 
 #[cfg(test)]
 mod tests {

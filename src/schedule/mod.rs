@@ -14,6 +14,49 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+/// One PATCH a schedule would send.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PlannedFire {
+    pub at: DateTime<Utc>,
+    pub local: DateTime<chrono::FixedOffset>,
+    pub rule: String,
+    pub agents: Vec<i64>,
+    pub set: serde_json::Value,
+}
+
+/// Pure: every fire of every scheduled rule in `[from, until)`, in time order (ties in
+/// config order). Reads nothing but the rules.
+pub fn plan(rules: &[Rule], from: DateTime<Utc>, until: DateTime<Utc>) -> Vec<PlannedFire> {
+    let mut out = Vec::new();
+    for (index, rule) in rules.iter().enumerate() {
+        let Some(schedule) = rule.schedule() else {
+            continue;
+        };
+        let agents = rule.target_agents(None).unwrap_or_default();
+        let set = rule.set.to_json();
+        let mut t = from - chrono::Duration::milliseconds(1);
+        while let Some(at) = schedule.next_after(t) {
+            if at >= until {
+                break;
+            }
+            out.push((
+                at,
+                index,
+                PlannedFire {
+                    at,
+                    local: at.with_timezone(&schedule.zone).fixed_offset(),
+                    rule: rule.name.clone(),
+                    agents: agents.clone(),
+                    set: set.clone(),
+                },
+            ));
+            t = at;
+        }
+    }
+    out.sort_by_key(|(at, index, _)| (*at, *index));
+    out.into_iter().map(|(_, _, p)| p).collect()
+}
+
 pub struct Scheduler {
     pub config: Arc<Config>,
     pub store: Store,

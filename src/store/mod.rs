@@ -621,19 +621,6 @@ impl Store {
         Ok(true)
     }
 
-    /// Gives a lease back without counting an attempt (shutdown before sending).
-    pub async fn release(&self, job: &ClaimedJob) -> Result<()> {
-        sqlx::query(
-            "UPDATE jobs SET status = 'pending', attempts = attempts - 1, lease_owner = NULL, lease_until = NULL
-             WHERE id = ? AND lease_owner = ? AND status = 'leased'",
-        )
-        .bind(job.id)
-        .bind(&job.lease_owner)
-        .execute(&self.write)
-        .await?;
-        Ok(())
-    }
-
     /// When the queue next has something to do: the earliest due pending job.
     pub async fn next_due(&self) -> Result<Option<DateTime<Utc>>> {
         let v: Option<i64> =

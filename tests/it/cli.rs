@@ -189,3 +189,108 @@ fn jobs_cli_refuses_a_database_that_is_not_autopilots() {
         "the file was not touched"
     );
 }
+
+#[test]
+fn plan_lists_every_scheduled_patch_across_a_dst_change() {
+    // No secrets set: plan reads only the config and contacts nothing.
+    let out = autopilot()
+        .args([
+            "plan",
+            "--config",
+            "config/autopilot.toml",
+            "--from",
+            "2026-03-06",
+            "--for",
+            "4d",
+            "--json",
+        ])
+        .env_remove("CONVIRZA_TOKEN")
+        .env_remove("CONVIRZA_WEBHOOK_SECRET")
+        .env_remove("GATEWAY_SECRET")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Fri 6 March: day + night; Mon 9 March (after the spring change): day + night.
+    let summary: Vec<(String, String, String)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["at"].as_str().unwrap().to_string(),
+                l["local"].as_str().unwrap().to_string(),
+                l["rule"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            (
+                "2026-03-06T13:00:00Z".into(),
+                "2026-03-06T08:00:00-05:00".into(),
+                "day greeting".into()
+            ),
+            (
+                "2026-03-06T23:00:00Z".into(),
+                "2026-03-06T18:00:00-05:00".into(),
+                "night greeting".into()
+            ),
+            (
+                "2026-03-09T12:00:00Z".into(),
+                "2026-03-09T08:00:00-04:00".into(),
+                "day greeting".into()
+            ),
+            (
+                "2026-03-09T22:00:00Z".into(),
+                "2026-03-09T18:00:00-04:00".into(),
+                "night greeting".into()
+            ),
+        ]
+    );
+    assert_eq!(lines[0]["agents"], serde_json::json!([101, 102]));
+    assert_eq!(lines[1]["set"]["max_call_duration"], 180);
+
+    let out = autopilot()
+        .args([
+            "plan",
+            "--config",
+            "config/autopilot.toml",
+            "--from",
+            "yesterday",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("--from \"yesterday\" is not an RFC 3339 time"));
+}
+
+#[test]
+fn check_points_out_surprising_expressions() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.toml");
+    std::fs::write(
+        &path,
+        "[platform]\nbase_url = \"http://x/v3\"\ntoken = { value = \"x\" }\n[[rules]]\nname = \"r\"\nschedule = { cron = \"18 * * * *\", timezone = \"UTC\" }\nagents = [1]\nset = { status = \"active\" }\n",
+    )
+    .unwrap();
+    let out = autopilot()
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("note: fires every hour at minute 18"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("(interval)"), "{stdout}");
+}
