@@ -24,7 +24,7 @@ CREATE TABLE agent_states (
 CREATE TABLE rule_runs (
     id            INTEGER PRIMARY KEY,
     rule          TEXT    NOT NULL,
-    trigger       TEXT    NOT NULL CHECK (trigger IN ('schedule', 'webhook')),
+    trigger       TEXT    NOT NULL CHECK (trigger IN ('schedule', 'webhook', 'shift')),
     delivery_id   INTEGER REFERENCES deliveries (id),
     scheduled_for INTEGER,
     happened_at   INTEGER NOT NULL,

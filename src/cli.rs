@@ -554,7 +554,7 @@ fn plan(
     if until <= from {
         anyhow::bail!("the range is empty: --until must be after --from");
     }
-    let fires = crate::schedule::plan(&config.rules, from, until);
+    let fires = crate::schedule::plan(&config.rules, &config.shifts, from, until);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     use std::io::Write;
     for f in &fires {

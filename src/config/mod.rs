@@ -29,6 +29,7 @@ pub struct Config {
     pub queue: QueueConfig,
     pub sources: Vec<Source>,
     pub rules: Vec<Rule>,
+    pub shifts: Vec<crate::rules::shift::Shift>,
 }
 
 #[derive(Debug, Clone)]
@@ -607,6 +608,21 @@ fn validate(
         }
     }
 
+    // [[shifts]]
+    let mut shifts = Vec::new();
+    for sh in &raw.shifts {
+        let name = sh.get_ref().name.get_ref();
+        if !rule_names.insert(name.clone()) {
+            errs.at(
+                &sh.get_ref().name,
+                format!("{name:?} is already the name of a rule or shift"),
+            );
+        }
+        if let Some(s) = shift(errs, sh, base_dir) {
+            shifts.push(s);
+        }
+    }
+
     Some(Config {
         server: ServerConfig {
             listen: listen?,
@@ -636,6 +652,7 @@ fn validate(
         },
         sources,
         rules,
+        shifts,
     })
 }
 
@@ -870,6 +887,228 @@ fn resolve_files(v: &Value, base_dir: &Path) -> Result<Value, String> {
     Ok(Value::Array(out))
 }
 
+/// A PATCH set written in the config: each key checked where it stands.
+fn patch_set(
+    errs: &mut ConfigErrors,
+    s: &Spanned<raw::SpannedTable>,
+    base_dir: &Path,
+) -> Option<PatchSet> {
+    let mut json = serde_json::Map::new();
+    let mut ok = true;
+    for (k, v) in s.get_ref() {
+        if non_finite(v.get_ref()) {
+            errs.at(
+                v,
+                format!("`{}`: NaN and infinity cannot be sent", k.get_ref()),
+            );
+            ok = false;
+            continue;
+        }
+        let value = toml_to_json(v.get_ref());
+        let one = Value::Object([(k.get_ref().clone(), value.clone())].into_iter().collect());
+        match PatchSet::from_json(&one) {
+            Ok(_) if k.get_ref() == "files" => match resolve_files(&value, base_dir) {
+                Ok(files) => {
+                    json.insert("files".into(), files);
+                }
+                Err(e) => {
+                    errs.at(v, e);
+                    ok = false;
+                }
+            },
+            Ok(_) => {
+                json.insert(k.get_ref().clone(), value);
+            }
+            Err(e) => {
+                errs.at(k, e);
+                ok = false;
+            }
+        }
+    }
+    if !ok {
+        return None;
+    }
+    match PatchSet::from_json(&Value::Object(json)) {
+        Ok(set) => Some(set),
+        Err(e) => {
+            errs.at(s, e);
+            None
+        }
+    }
+}
+
+/// `mon-fri`, `sat,sun`, `fri-mon`, `daily`: the days a window starts on (Monday = 0).
+fn parse_days(text: &str) -> Result<[bool; 7], String> {
+    const NAMES: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+    let day = |s: &str| {
+        NAMES
+            .iter()
+            .position(|n| s.trim().eq_ignore_ascii_case(n))
+            .ok_or_else(|| format!("unknown day {s:?} in {text:?}; use mon, tue, wed, thu, fri, sat, sun, ranges like mon-fri, or daily"))
+    };
+    let mut days = [false; 7];
+    if matches!(text.trim(), "daily" | "*") {
+        return Ok([true; 7]);
+    }
+    for part in text.split(',') {
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b) = (day(a)?, day(b)?);
+                let mut d = a;
+                loop {
+                    days[d] = true;
+                    if d == b {
+                        break;
+                    }
+                    d = (d + 1) % 7;
+                }
+            }
+            None => days[day(part)?] = true,
+        }
+    }
+    Ok(days)
+}
+
+fn parse_time(s: &str) -> Result<chrono::NaiveTime, String> {
+    if s.trim() == "24:00" {
+        return Ok(chrono::NaiveTime::MIN);
+    }
+    chrono::NaiveTime::parse_from_str(s.trim(), "%H:%M")
+        .map_err(|_| format!("time {s:?} must be HH:MM, e.g. \"08:00\""))
+}
+
+fn shift(
+    errs: &mut ConfigErrors,
+    sh: &Spanned<raw::RawShift>,
+    base_dir: &Path,
+) -> Option<crate::rules::shift::Shift> {
+    use crate::rules::shift::{Shift, Window};
+    let raw = sh.get_ref();
+    let before = errs.items.len();
+    let zone = match raw.timezone.get_ref().parse::<Tz>() {
+        Ok(z) => Some(z),
+        Err(_) => {
+            errs.at(
+                &raw.timezone,
+                format!(
+                    "unknown time zone {:?}; use an IANA name such as \"America/New_York\"",
+                    raw.timezone.get_ref()
+                ),
+            );
+            None
+        }
+    };
+    if raw.agents.get_ref().is_empty() || raw.agents.get_ref().iter().any(|a| *a <= 0) {
+        errs.at(
+            &raw.agents,
+            "agents must be a non-empty list of agent ids (positive integers)",
+        );
+    }
+    let mut windows = Vec::new();
+    // Minutes of the week each window covers, to refuse overlaps.
+    let mut covered: Vec<(usize, u32, u32, Range<usize>)> = Vec::new();
+    for (i, w) in raw.windows.iter().enumerate() {
+        let wr = w.get_ref();
+        let days = parse_days(wr.days.get_ref())
+            .map_err(|e| errs.at(&wr.days, e))
+            .ok();
+        let from = parse_time(wr.from.get_ref())
+            .map_err(|e| errs.at(&wr.from, e))
+            .ok();
+        let to = parse_time(wr.to.get_ref())
+            .map_err(|e| errs.at(&wr.to, e))
+            .ok();
+        let set = patch_set(errs, &wr.set, base_dir);
+        if let (Some(from), Some(to)) = (from, to) {
+            if from == to {
+                errs.at(&wr.to, "a window needs `to` different from `from`");
+            }
+        }
+        if let (Some(days), Some(from), Some(to), Some(set)) = (days, from, to, set) {
+            use chrono::Timelike;
+            let start = from.hour() * 60 + from.minute();
+            let mut len = (to.hour() * 60 + to.minute() + 1440 - start) % 1440;
+            if len == 0 {
+                len = 1440;
+            }
+            for (d, on) in days.iter().enumerate() {
+                if *on {
+                    let s = d as u32 * 1440 + start;
+                    for (j, os, olen, _) in &covered {
+                        // Compare on the weekly circle.
+                        let week = 7 * 1440;
+                        let overlap = |a: u32, al: u32, b: u32, bl: u32| {
+                            let d = (b + week - a) % week;
+                            d < al || (week - d) % week < bl
+                        };
+                        if *j != i && overlap(s, len, *os, *olen) {
+                            errs.at(
+                                w,
+                                format!(
+                                    "window {} overlaps window {} of shift {:?}",
+                                    i + 1,
+                                    j + 1,
+                                    raw.name.get_ref()
+                                ),
+                            );
+                        }
+                    }
+                    covered.push((i, s, len, w.span()));
+                }
+            }
+            windows.push(Window {
+                label: format!(
+                    "{} {}-{}",
+                    wr.days.get_ref(),
+                    wr.from.get_ref(),
+                    wr.to.get_ref()
+                ),
+                days,
+                from,
+                to,
+                set,
+            });
+        }
+    }
+    let otherwise = raw
+        .otherwise
+        .as_ref()
+        .and_then(|o| patch_set(errs, o, base_dir));
+    let mut overrides = std::collections::BTreeMap::new();
+    for o in &raw.overrides {
+        let or = o.get_ref();
+        let text = match or.date.get_ref() {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Datetime(d) => d.to_string(),
+            other => other.to_string(),
+        };
+        match chrono::NaiveDate::parse_from_str(&text, "%Y-%m-%d") {
+            Ok(d) => {
+                if let Some(set) = patch_set(errs, &or.set, base_dir) {
+                    if overrides.insert(d, set).is_some() {
+                        errs.at(&or.date, format!("date {d} has two overrides"));
+                    }
+                }
+            }
+            Err(_) => errs.at(&or.date, format!("date {text:?} must be YYYY-MM-DD")),
+        }
+    }
+    if raw.windows.is_empty() && overrides.is_empty() {
+        errs.at(sh, "a shift needs `windows` (or at least `overrides`)");
+    }
+    if errs.items.len() > before {
+        return None;
+    }
+    Some(Shift {
+        name: raw.name.get_ref().clone(),
+        agents: raw.agents.get_ref().clone(),
+        zone: zone?,
+        windows,
+        otherwise,
+        overrides,
+    })
+}
+
 /// A standard 5-field cron expression; an error names the field at fault.
 pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
     const FIELDS: [&str; 5] = ["minute", "hour", "day-of-month", "month", "day-of-week"];
@@ -1027,55 +1266,7 @@ fn rule(
         .map(|w| conditions(errs, w))
         .unwrap_or_default();
     let set = match &raw.set {
-        Some(s) => {
-            let mut json = serde_json::Map::new();
-            let mut ok = true;
-            for (k, v) in s.get_ref() {
-                if non_finite(v.get_ref()) {
-                    errs.at(
-                        v,
-                        format!("`{}`: NaN and infinity cannot be sent", k.get_ref()),
-                    );
-                    ok = false;
-                    continue;
-                }
-                match crate::rules::PatchSet::from_json(&Value::Object(
-                    [(k.get_ref().clone(), toml_to_json(v.get_ref()))]
-                        .into_iter()
-                        .collect(),
-                )) {
-                    Ok(_) if k.get_ref() == "files" => {
-                        match resolve_files(&toml_to_json(v.get_ref()), base_dir) {
-                            Ok(files) => {
-                                json.insert("files".into(), files);
-                            }
-                            Err(e) => {
-                                errs.at(v, e);
-                                ok = false;
-                            }
-                        }
-                    }
-                    Ok(_) => {
-                        json.insert(k.get_ref().clone(), toml_to_json(v.get_ref()));
-                    }
-                    Err(e) => {
-                        errs.at(k, e);
-                        ok = false;
-                    }
-                }
-            }
-            if ok {
-                match PatchSet::from_json(&Value::Object(json)) {
-                    Ok(set) => Some(set),
-                    Err(e) => {
-                        errs.at(s, e);
-                        None
-                    }
-                }
-            } else {
-                None
-            }
-        }
+        Some(s) => patch_set(errs, s, base_dir),
         None => {
             errs.at(
                 r,

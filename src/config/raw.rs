@@ -21,6 +21,8 @@ pub struct RawConfig {
     pub sources: Vec<Spanned<RawSource>>,
     #[serde(default)]
     pub rules: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    pub shifts: Vec<Spanned<RawShift>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -237,4 +239,33 @@ pub struct RawWebhook {
     pub source: Spanned<String>,
     #[serde(rename = "match")]
     pub match_: Option<SpannedTable>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShift {
+    pub name: Spanned<String>,
+    pub agents: Spanned<Vec<i64>>,
+    pub timezone: Spanned<String>,
+    #[serde(default)]
+    pub windows: Vec<Spanned<RawWindow>>,
+    pub otherwise: Option<Spanned<SpannedTable>>,
+    #[serde(default)]
+    pub overrides: Vec<Spanned<RawOverride>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWindow {
+    pub days: Spanned<String>,
+    pub from: Spanned<String>,
+    pub to: Spanned<String>,
+    pub set: Spanned<SpannedTable>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOverride {
+    pub date: Spanned<toml::Value>,
+    pub set: Spanned<SpannedTable>,
 }

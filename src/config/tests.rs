@@ -260,3 +260,27 @@ fn files_must_exist_and_are_resolved_from_the_config_file() {
         "{e}"
     );
 }
+
+#[test]
+fn shifts_are_validated_where_they_stand() {
+    let shift = |windows: &str| {
+        format!("{HEAD}[[shifts]]\nname = \"desk\"\nagents = [101]\ntimezone = \"America/New_York\"\nwindows = [{windows}]\n")
+    };
+    let ok = Config::from_toml(
+        &shift("{ days = \"mon-fri\", from = \"08:00\", to = \"18:00\", set = { status = \"active\" } }, { days = \"fri\", from = \"18:00\", to = \"02:00\", set = { status = \"inactive\" } }"),
+        Path::new("test.toml"),
+        &[],
+    );
+    assert!(ok.is_ok(), "{}", ok.unwrap_err());
+    let e = errors(&shift("{ days = \"mon-fri\", from = \"08:00\", to = \"18:00\", set = { status = \"active\" } }, { days = \"fri\", from = \"17:00\", to = \"02:00\", set = { status = \"inactive\" } }"));
+    assert!(e.contains("overlaps window 1"), "{e}");
+    let e = errors(&shift(
+        "{ days = \"mon-fry\", from = \"8am\", to = \"18:00\", set = { greeting = \"x\" } }",
+    ));
+    assert!(e.contains("unknown day \"fry\""), "{e}");
+    assert!(e.contains("time \"8am\" must be HH:MM"), "{e}");
+    assert!(e.contains("did you mean `greetings`?"), "{e}");
+    // Overnight windows crossing into the next window's day are checked on the weekly circle.
+    let e = errors(&shift("{ days = \"sun\", from = \"22:00\", to = \"09:00\", set = { status = \"active\" } }, { days = \"mon\", from = \"08:00\", to = \"18:00\", set = { status = \"inactive\" } }"));
+    assert!(e.contains("overlaps"), "{e}");
+}

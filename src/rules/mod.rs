@@ -3,6 +3,7 @@
 
 mod matcher;
 mod patch;
+pub mod shift;
 
 pub use matcher::{Condition, Matcher};
 pub use patch::{file_name, PatchField, PatchSet};

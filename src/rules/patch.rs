@@ -201,6 +201,38 @@ impl PatchSet {
         out
     }
 
+    /// The fields whose value in the agent's known `state` differs from this set's: what
+    /// a level-triggered shift still has to send. For `config`, only this set's keys are
+    /// compared; for `files`, names already listed in `knowledgebase_files` count as in
+    /// place.
+    pub fn not_yet_in(&self, state: &Value) -> PatchSet {
+        let mut out = PatchSet::default();
+        for (field, want) in &self.0 {
+            let have = state.get(field.name());
+            let in_place = match (field, want) {
+                (PatchField::Config, Value::Object(keys)) => keys
+                    .iter()
+                    .all(|(k, v)| have.and_then(|h| h.get(k)).is_some_and(|h| same(h, v))),
+                (PatchField::Files, _) => {
+                    let listed: Vec<String> = state["knowledgebase_files"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|v| v.as_str().map(str::to_string))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    self.files().iter().all(|p| listed.contains(&file_name(p)))
+                }
+                _ => have.is_some_and(|h| same(h, want)),
+            };
+            if !in_place {
+                out.0.insert(*field, want.clone());
+            }
+        }
+        out
+    }
+
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -245,6 +277,14 @@ impl PatchSet {
             }
         }
         out
+    }
+}
+
+/// Equal as the platform would store them: numbers by value.
+fn same(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
+        _ => a == b,
     }
 }
 

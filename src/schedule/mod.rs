@@ -5,6 +5,7 @@
 
 use crate::clock::SharedClock;
 use crate::config::Config;
+use crate::rules::shift::Shift;
 use crate::rules::{self, Decision, Rule};
 use crate::store::{NewRun, Store};
 use chrono::{DateTime, Utc};
@@ -26,8 +27,33 @@ pub struct PlannedFire {
 
 /// Pure: every fire of every scheduled rule in `[from, until)`, in time order (ties in
 /// config order). Reads nothing but the rules.
-pub fn plan(rules: &[Rule], from: DateTime<Utc>, until: DateTime<Utc>) -> Vec<PlannedFire> {
+pub fn plan(
+    rules: &[Rule],
+    shifts: &[Shift],
+    from: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> Vec<PlannedFire> {
     let mut out = Vec::new();
+    for (index, shift) in shifts.iter().enumerate() {
+        let mut t = from;
+        while t < until {
+            let seg = shift.segment_at(t);
+            if let Some(set) = seg.set.as_ref().filter(|_| seg.start >= from) {
+                out.push((
+                    seg.start,
+                    rules.len() + index,
+                    PlannedFire {
+                        at: seg.start,
+                        local: seg.start.with_timezone(&shift.zone).fixed_offset(),
+                        rule: format!("shift:{}", shift.name),
+                        agents: shift.agents.clone(),
+                        set: set.to_json(),
+                    },
+                ));
+            }
+            t = seg.end;
+        }
+    }
     for (index, rule) in rules.iter().enumerate() {
         let Some(schedule) = rule.schedule() else {
             continue;
@@ -132,7 +158,70 @@ impl Scheduler {
         Ok(next)
     }
 
+    /// A shift's current segment: what should hold now, sent once per segment and only
+    /// for the fields not already in place. Returns when the segment ends.
+    async fn apply_shift(
+        &self,
+        shift: &Shift,
+        now: DateTime<Utc>,
+    ) -> Result<DateTime<Utc>, crate::store::StoreError> {
+        let seg = shift.segment_at(now);
+        let Some(set) = &seg.set else {
+            return Ok(seg.end);
+        };
+        let known = self.store.agent_states(&shift.agents).await?;
+        let mut jobs = Vec::new();
+        let mut in_place = Vec::new();
+        for agent in &shift.agents {
+            let todo = match known.get(agent) {
+                Some(state) => set.not_yet_in(state),
+                None => set.clone(),
+            };
+            if todo.is_empty() {
+                in_place.push(agent.to_string());
+                continue;
+            }
+            jobs.push(crate::store::NewJob {
+                agent_id: *agent,
+                fields: todo.to_json(),
+                guard: None,
+                cause_at: seg.start,
+                valid_until: Some(seg.end),
+            });
+        }
+        let mut detail = format!(
+            "{} (until {})",
+            seg.label,
+            seg.end.with_timezone(&shift.zone)
+        );
+        if !in_place.is_empty() {
+            detail.push_str(&format!(
+                "; already in place for agent(s) {}",
+                in_place.join(",")
+            ));
+        }
+        let run = NewRun {
+            rule: format!("shift:{}", shift.name),
+            trigger: "shift",
+            scheduled_for: Some(seg.start),
+            happened_at: seg.start,
+            detail: Some(detail),
+            skipped: in_place.len(),
+            jobs,
+        };
+        if let Some(run_id) = self.store.record_fire(&run, now).await? {
+            info!(shift = %shift.name, run_id, segment = %seg.label, jobs = run.jobs.len(), "shift applied");
+            if !run.jobs.is_empty() {
+                self.queue_notify.notify_waiters();
+            }
+        }
+        Ok(seg.end)
+    }
+
     pub async fn run(self, mut next: HashMap<String, DateTime<Utc>>, cancel: CancellationToken) {
+        // Shifts are level-triggered: apply what should hold now (after any downtime),
+        // then again at every boundary.
+        let mut shift_next: HashMap<String, DateTime<Utc>> = HashMap::new();
         loop {
             let now = self.clock.now();
             for rule in &self.config.rules {
@@ -158,8 +247,22 @@ impl Scheduler {
                     }
                 }
             }
+            for shift in &self.config.shifts {
+                if shift_next.get(&shift.name).is_some_and(|t| *t > now) {
+                    continue;
+                }
+                match self.apply_shift(shift, now).await {
+                    Ok(end) => {
+                        shift_next.insert(shift.name.clone(), end);
+                    }
+                    Err(e) => {
+                        error!(shift = %shift.name, error = %e, "could not apply a shift; will retry")
+                    }
+                }
+            }
             let wake = next
                 .values()
+                .chain(shift_next.values())
                 .min()
                 .copied()
                 .unwrap_or(now + chrono::Duration::minutes(1));

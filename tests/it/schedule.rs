@@ -173,3 +173,97 @@ async fn a_stale_scheduled_change_expires_instead_of_landing_late() {
         "the night greeting must not land in the morning"
     );
 }
+
+const SHIFT: &str = r#"
+[[shifts]]
+name = "front desk"
+agents = [101]
+timezone = "America/New_York"
+windows = [{ days = "mon-fri", from = "08:00", to = "18:00", set = { greetings = "Good morning!" } }]
+otherwise = { greetings = "We are closed." }
+"#;
+
+#[tokio::test]
+async fn a_shift_puts_on_what_should_hold_now_after_downtime() {
+    // Monday 2026-11-30 18:30 EST: the night (otherwise) holds since 18:00.
+    let mut t = spawn_with(Options {
+        rules: SHIFT.into(),
+        manual_clock: Some(at("2026-11-30T23:30:00Z")),
+        ..Options::default()
+    })
+    .await;
+    eventually("night is put on at start", || async {
+        t.patches().await.len() == 1
+    })
+    .await;
+    t.settle().await;
+    assert_eq!(t.sim_agent(101).await["greetings"], "We are closed.");
+    t.shutdown().await;
+
+    // Down until Tuesday 10:57: the day greeting goes on at once, not the night one, and
+    // the 08:00 boundary missed while down is not replayed separately.
+    t.manual.as_ref().unwrap().set(at("2026-12-01T15:57:00Z"));
+    t.start().await;
+    eventually("day is put on at 10:57", || async {
+        t.patches().await.len() == 2
+    })
+    .await;
+    t.settle().await;
+    let patches = t.patches().await;
+    assert_eq!(patches[1]["fields"]["greetings"], "Good morning!");
+    assert_eq!(t.sim_agent(101).await["greetings"], "Good morning!");
+    let runs = t.store().runs(Some("shift:front desk")).await.unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(
+        runs[1].scheduled_for,
+        Some(at("2026-12-01T13:00:00Z")),
+        "keyed on the 08:00 boundary"
+    );
+
+    // A restart inside the same segment sends nothing again.
+    t.shutdown().await;
+    t.manual.as_ref().unwrap().set(at("2026-12-01T15:58:00Z"));
+    t.start().await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(t.patches().await.len(), 2);
+
+    // At 18:00 the night goes on while running.
+    t.manual.as_ref().unwrap().set(at("2026-12-01T23:00:00Z"));
+    eventually("night at 18:00", || async { t.patches().await.len() == 3 }).await;
+    assert_eq!(
+        t.patches().await[2]["fields"]["greetings"],
+        "We are closed."
+    );
+}
+
+#[tokio::test]
+async fn a_shift_sends_only_fields_not_already_in_place() {
+    let both = SHIFT
+        .replace(
+            "set = { greetings = \"Good morning!\" }",
+            "set = { greetings = \"Good morning!\", max_call_duration = 300 }",
+        )
+        .replace(
+            "otherwise = { greetings = \"We are closed.\" }",
+            "otherwise = { greetings = \"We are closed.\", max_call_duration = 300 }",
+        );
+    let mut t = spawn_with(Options {
+        rules: both,
+        manual_clock: Some(at("2026-11-30T23:30:00Z")),
+        ..Options::default()
+    })
+    .await;
+    eventually("night is put on", || async { t.patches().await.len() == 1 }).await;
+    t.settle().await;
+    // Nothing known yet: every field of the set went out.
+    assert_eq!(
+        field_names(&t.patches().await[0]),
+        vec!["greetings", "max_call_duration"]
+    );
+    t.shutdown().await;
+    t.manual.as_ref().unwrap().set(at("2026-12-01T15:57:00Z"));
+    t.start().await;
+    eventually("day is put on", || async { t.patches().await.len() == 2 }).await;
+    // The agent's known state already has max_call_duration 300: only greetings is sent.
+    assert_eq!(field_names(&t.patches().await[1]), vec!["greetings"]);
+}
