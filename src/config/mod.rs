@@ -603,7 +603,7 @@ fn validate(
                 format!("rule {name:?} is defined twice; rule names are keys in the audit trail"),
             );
         }
-        if let Some(rule) = rule(errs, r, &names, base_dir) {
+        if let Some(rule) = rule(errs, r, &names, base_dir, raw.defaults.timezone.as_ref()) {
             rules.push(rule);
         }
     }
@@ -618,7 +618,7 @@ fn validate(
                 format!("{name:?} is already the name of a rule or shift"),
             );
         }
-        if let Some(s) = shift(errs, sh, base_dir) {
+        if let Some(s) = shift(errs, sh, base_dir, raw.defaults.timezone.as_ref()) {
             shifts.push(s);
         }
     }
@@ -977,27 +977,43 @@ fn parse_time(s: &str) -> Result<chrono::NaiveTime, String> {
         .map_err(|_| format!("time {s:?} must be HH:MM, e.g. \"08:00\""))
 }
 
+/// A rule's or shift's zone: its own, else `[defaults] timezone`; never a silent UTC.
+fn zone(
+    errs: &mut ConfigErrors,
+    own: Option<&Spanned<String>>,
+    default: Option<&Spanned<String>>,
+    at: Range<usize>,
+    what: &str,
+) -> Option<Tz> {
+    let Some(z) = own.or(default) else {
+        errs.push(
+            Some(at),
+            format!("{what} names no time zone: add `timezone = \"America/New_York\"` (an IANA name), or set `[defaults] timezone`"),
+        );
+        return None;
+    };
+    match z.get_ref().parse::<Tz>() {
+        Ok(tz) => Some(tz),
+        Err(_) => {
+            errs.at(
+                z,
+                format!("unknown time zone {:?}; use an IANA name such as \"America/New_York\"", z.get_ref()),
+            );
+            None
+        }
+    }
+}
+
 fn shift(
     errs: &mut ConfigErrors,
     sh: &Spanned<raw::RawShift>,
     base_dir: &Path,
+    default_zone: Option<&Spanned<String>>,
 ) -> Option<crate::rules::shift::Shift> {
     use crate::rules::shift::{Shift, Window};
     let raw = sh.get_ref();
     let before = errs.items.len();
-    let zone = match raw.timezone.get_ref().parse::<Tz>() {
-        Ok(z) => Some(z),
-        Err(_) => {
-            errs.at(
-                &raw.timezone,
-                format!(
-                    "unknown time zone {:?}; use an IANA name such as \"America/New_York\"",
-                    raw.timezone.get_ref()
-                ),
-            );
-            None
-        }
-    };
+    let zone = zone(errs, raw.timezone.as_ref(), default_zone, sh.span(), "shift");
     if raw.agents.get_ref().is_empty() || raw.agents.get_ref().iter().any(|a| *a <= 0) {
         errs.at(
             &raw.agents,
@@ -1146,6 +1162,7 @@ fn rule(
     r: &Spanned<RawRule>,
     sources: &HashSet<String>,
     base_dir: &Path,
+    default_zone: Option<&Spanned<String>>,
 ) -> Option<Rule> {
     let raw = r.get_ref();
     let name = raw.name.get_ref().clone();
@@ -1154,21 +1171,12 @@ fn rule(
     }
     let before = errs.items.len();
     let trigger = match (&raw.schedule, &raw.webhook) {
-        (Some(s), None) => {
-            let s = s.get_ref();
+        (Some(spanned), None) => {
+            let s = spanned.get_ref();
             let cron = parse_cron(s.cron.get_ref());
-            let zone = s.timezone.get_ref().parse::<Tz>();
+            let zone = zone(errs, s.timezone.as_ref(), default_zone, spanned.span(), "schedule").ok_or(());
             if let Err(e) = &cron {
                 errs.at(&s.cron, e.clone());
-            }
-            if zone.is_err() {
-                errs.at(
-                    &s.timezone,
-                    format!(
-                        "unknown time zone {:?}; use an IANA name such as \"America/New_York\"",
-                        s.timezone.get_ref()
-                    ),
-                );
             }
             match (cron, zone) {
                 (Ok(cron), Ok(zone)) => {

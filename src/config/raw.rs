@@ -23,6 +23,15 @@ pub struct RawConfig {
     pub rules: Vec<Spanned<RawRule>>,
     #[serde(default)]
     pub shifts: Vec<Spanned<RawShift>>,
+    #[serde(default)]
+    pub defaults: RawDefaults,
+}
+
+/// Settings that rules and shifts inherit when they do not name their own.
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawDefaults {
+    pub timezone: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -230,7 +239,7 @@ pub struct RawRule {
 #[serde(deny_unknown_fields)]
 pub struct RawSchedule {
     pub cron: Spanned<String>,
-    pub timezone: Spanned<String>,
+    pub timezone: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -246,7 +255,7 @@ pub struct RawWebhook {
 pub struct RawShift {
     pub name: Spanned<String>,
     pub agents: Spanned<Vec<i64>>,
-    pub timezone: Spanned<String>,
+    pub timezone: Option<Spanned<String>>,
     #[serde(default)]
     pub windows: Vec<Spanned<RawWindow>>,
     pub otherwise: Option<Spanned<SpannedTable>>,
