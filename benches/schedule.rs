@@ -14,8 +14,14 @@ use tokio_util::sync::CancellationToken;
 
 const RULES: usize = 10_000;
 const ZONES: [&str; 8] = [
-    "America/New_York", "Europe/Berlin", "Europe/London", "Australia/Lord_Howe",
-    "America/Santiago", "America/Havana", "Pacific/Chatham", "Asia/Kolkata",
+    "America/New_York",
+    "Europe/Berlin",
+    "Europe/London",
+    "Australia/Lord_Howe",
+    "America/Santiago",
+    "America/Havana",
+    "Pacific/Chatham",
+    "Asia/Kolkata",
 ];
 
 fn config(db: &Path, rules: usize, yearly: bool) -> String {
@@ -54,7 +60,8 @@ fn cpu_seconds() -> f64 {
 async fn idle_cpu(rules: usize) -> anyhow::Result<f64> {
     let dir = tempfile::tempdir()?;
     let text = config(&dir.path().join("idle.db"), rules, true);
-    let config = Config::from_toml(&text, Path::new("bench.toml"), &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = Config::from_toml(&text, Path::new("bench.toml"), &[])
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let cancel = CancellationToken::new();
     let app = App::start(config, Arc::new(SystemClock), cancel.clone()).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -70,7 +77,8 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let text = config(&dir.path().join("plan.db"), RULES, false);
     let started = Instant::now();
-    let config = Config::from_toml(&text, Path::new("bench.toml"), &[]).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = Config::from_toml(&text, Path::new("bench.toml"), &[])
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let load = started.elapsed();
 
     let from = chrono::Utc::now();
@@ -96,15 +104,37 @@ async fn main() -> anyhow::Result<()> {
     let baseline = started.elapsed();
 
     println!("schedule bench: {RULES} rules in 8 zones, 7 days");
-    println!("  config load and validation:  {:>8.0} ms", load.as_secs_f64() * 1000.0);
-    println!("  plan: {} fires in            {:>8.0} ms", fires.len(), plan.as_secs_f64() * 1000.0);
-    println!("  bare croner loop: {bare} fires in {:>8.0} ms", baseline.as_secs_f64() * 1000.0);
-    println!("  ratio plan / bare croner:    {:>8.2}", plan.as_secs_f64() / baseline.as_secs_f64());
+    println!(
+        "  config load and validation:  {:>8.0} ms",
+        load.as_secs_f64() * 1000.0
+    );
+    println!(
+        "  plan: {} fires in            {:>8.0} ms",
+        fires.len(),
+        plan.as_secs_f64() * 1000.0
+    );
+    println!(
+        "  bare croner loop: {bare} fires in {:>8.0} ms",
+        baseline.as_secs_f64() * 1000.0
+    );
+    println!(
+        "  ratio plan / bare croner:    {:>8.2}",
+        plan.as_secs_f64() / baseline.as_secs_f64()
+    );
 
     let none = idle_cpu(0).await?;
     let loaded = idle_cpu(RULES).await?;
-    println!("  idle CPU, no rules:          {:>8.3} % of one core", none * 100.0);
-    println!("  idle CPU, {RULES} rules:      {:>8.3} % of one core", loaded * 100.0);
-    println!("  idle CPU added by the rules: {:>8.3} percentage points", (loaded - none) * 100.0);
+    println!(
+        "  idle CPU, no rules:          {:>8.3} % of one core",
+        none * 100.0
+    );
+    println!(
+        "  idle CPU, {RULES} rules:      {:>8.3} % of one core",
+        loaded * 100.0
+    );
+    println!(
+        "  idle CPU added by the rules: {:>8.3} percentage points",
+        (loaded - none) * 100.0
+    );
     Ok(())
 }

@@ -997,7 +997,10 @@ fn zone(
         Err(_) => {
             errs.at(
                 z,
-                format!("unknown time zone {:?}; use an IANA name such as \"America/New_York\"", z.get_ref()),
+                format!(
+                    "unknown time zone {:?}; use an IANA name such as \"America/New_York\"",
+                    z.get_ref()
+                ),
             );
             None
         }
@@ -1013,7 +1016,13 @@ fn shift(
     use crate::rules::shift::{Shift, Window};
     let raw = sh.get_ref();
     let before = errs.items.len();
-    let zone = zone(errs, raw.timezone.as_ref(), default_zone, sh.span(), "shift");
+    let zone = zone(
+        errs,
+        raw.timezone.as_ref(),
+        default_zone,
+        sh.span(),
+        "shift",
+    );
     if raw.agents.get_ref().is_empty() || raw.agents.get_ref().iter().any(|a| *a <= 0) {
         errs.at(
             &raw.agents,
@@ -1174,7 +1183,14 @@ fn rule(
         (Some(spanned), None) => {
             let s = spanned.get_ref();
             let cron = parse_cron(s.cron.get_ref());
-            let zone = zone(errs, s.timezone.as_ref(), default_zone, spanned.span(), "schedule").ok_or(());
+            let zone = zone(
+                errs,
+                s.timezone.as_ref(),
+                default_zone,
+                spanned.span(),
+                "schedule",
+            )
+            .ok_or(());
             if let Err(e) = &cron {
                 errs.at(&s.cron, e.clone());
             }

@@ -289,9 +289,20 @@ fn shifts_are_validated_where_they_stand() {
 fn a_zone_comes_from_the_rule_or_an_explicit_default_never_silently() {
     let rule = "[[rules]]\nname = \"r\"\nschedule = { cron = \"0 18 * * *\" }\nagents = [1]\nset = { status = \"active\" }\n";
     let e = errors(&format!("{HEAD}{rule}"));
-    assert!(e.contains("test.toml:6:12: schedule names no time zone"), "{e}");
-    let c = load(&format!("{HEAD}[defaults]\ntimezone = \"Europe/Berlin\"\n{rule}")).unwrap();
-    assert_eq!(c.rules[0].schedule().unwrap().zone, chrono_tz::Europe::Berlin);
-    let e = errors(&format!("{HEAD}[defaults]\ntimezone = \"Europe/Berlni\"\n{rule}"));
+    assert!(
+        e.contains("test.toml:6:12: schedule names no time zone"),
+        "{e}"
+    );
+    let c = load(&format!(
+        "{HEAD}[defaults]\ntimezone = \"Europe/Berlin\"\n{rule}"
+    ))
+    .unwrap();
+    assert_eq!(
+        c.rules[0].schedule().unwrap().zone,
+        chrono_tz::Europe::Berlin
+    );
+    let e = errors(&format!(
+        "{HEAD}[defaults]\ntimezone = \"Europe/Berlni\"\n{rule}"
+    ));
     assert!(e.contains("unknown time zone \"Europe/Berlni\""), "{e}");
 }

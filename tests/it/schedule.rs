@@ -267,3 +267,23 @@ async fn a_shift_sends_only_fields_not_already_in_place() {
     // The agent's known state already has max_call_duration 300: only greetings is sent.
     assert_eq!(field_names(&t.patches().await[1]), vec!["greetings"]);
 }
+
+#[tokio::test]
+async fn a_restart_just_before_a_fire_still_fires_it_on_time_once() {
+    let mut t = spawn_at("2026-11-30T22:58:00Z").await;
+    t.shutdown().await;
+    t.manual.as_ref().unwrap().set(at("2026-11-30T22:59:59Z"));
+    t.start().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(t.patches().await.is_empty(), "nothing before 18:00");
+    t.manual.as_ref().unwrap().set(at("2026-11-30T23:00:00Z"));
+    eventually("fired at 18:00", || async { t.patches().await.len() == 2 }).await;
+    let runs = t.store().runs(Some("night greeting")).await.unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].scheduled_for, Some(at("2026-11-30T23:00:00Z")));
+    assert!(
+        runs[0].detail.is_none(),
+        "on time, not a catch-up: {:?}",
+        runs[0].detail
+    );
+}
