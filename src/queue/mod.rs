@@ -243,14 +243,7 @@ impl Queue {
         if retry_with_files {
             match self.client.get_agent(job.agent_id).await {
                 Ok(reply) => {
-                    let present: Vec<String> = reply.data["knowledgebase_files"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|v| v.as_str().map(str::to_string))
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                    let present = crate::rules::listed_files(&reply.data);
                     let before = set.files().len();
                     set = set.without_files_named(&present);
                     let skipped = before - set.files().len();

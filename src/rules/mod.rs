@@ -6,7 +6,7 @@ mod patch;
 pub mod shift;
 
 pub use matcher::{Condition, Matcher};
-pub use patch::{file_name, PatchField, PatchSet};
+pub use patch::{file_name, listed_files, PatchField, PatchSet};
 
 use chrono::{DateTime, Timelike, Utc};
 use chrono_tz::Tz;

@@ -214,14 +214,7 @@ impl PatchSet {
                     .iter()
                     .all(|(k, v)| have.and_then(|h| h.get(k)).is_some_and(|h| same(h, v))),
                 (PatchField::Files, _) => {
-                    let listed: Vec<String> = state["knowledgebase_files"]
-                        .as_array()
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|v| v.as_str().map(str::to_string))
-                                .collect()
-                        })
-                        .unwrap_or_default();
+                    let listed = listed_files(state);
                     self.files().iter().all(|p| listed.contains(&file_name(p)))
                 }
                 _ => have.is_some_and(|h| same(h, want)),
@@ -286,6 +279,18 @@ fn same(a: &Value, b: &Value) -> bool {
         (Value::Number(x), Value::Number(y)) => x.as_f64() == y.as_f64(),
         _ => a == b,
     }
+}
+
+/// The file names an agent lists in its knowledge base (`knowledgebase_files`).
+pub fn listed_files(agent: &Value) -> Vec<String> {
+    agent["knowledgebase_files"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The name a file is uploaded (and listed by the platform) under.

@@ -662,33 +662,17 @@ impl Store {
     /// old attempts stay in `job_attempts`) and its `valid_until` is dropped, because an
     /// operator asked for it. Errors name the job's status when it cannot be retried.
     pub async fn retry_job(&self, id: i64, now: DateTime<Utc>) -> Result<Result<(), String>> {
-        let mut tx = self.begin().await?;
-        let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let verdict = match status.as_deref() {
-            None => Err(format!("no job {id}")),
-            Some("dead" | "expired" | "skipped" | "discarded") => {
-                sqlx::query(
-                    "UPDATE jobs SET status = 'pending', attempts = 0, next_attempt_at = ?,
-                            valid_until = NULL, last_error = 'retried by operator; last error: ' || COALESCE(last_error, 'none'),
-                            updated_at = ?
-                     WHERE id = ?",
-                )
-                .bind(ms(now))
-                .bind(ms(now))
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-                Ok(())
-            }
-            Some(other) => Err(format!(
-                "job {id} is {other}; only dead, expired, skipped or discarded jobs can be retried"
-            )),
-        };
-        tx.commit().await?;
-        Ok(verdict)
+        self.operator_transition(
+            id,
+            &["dead", "expired", "skipped", "discarded"],
+            "UPDATE jobs SET status = 'pending', attempts = 0, next_attempt_at = ?1,
+                    valid_until = NULL, last_error = 'retried by operator; last error: ' || COALESCE(last_error, 'none'),
+                    updated_at = ?1
+             WHERE id = ?2",
+            now,
+            "only dead, expired, skipped or discarded jobs can be retried",
+        )
+        .await
     }
 
     /// Retries every dead job; returns their ids.
@@ -707,22 +691,42 @@ impl Store {
 
     /// Gives up on a job that is not in flight: it is never sent.
     pub async fn discard_job(&self, id: i64, now: DateTime<Utc>) -> Result<Result<(), String>> {
+        self.operator_transition(
+            id,
+            &["pending", "dead", "expired", "skipped"],
+            "UPDATE jobs SET status = 'discarded', updated_at = ?1 WHERE id = ?2",
+            now,
+            "it cannot be discarded now",
+        )
+        .await
+    }
+
+    /// Applies `sql` (binding `now`, `id`) if the job's status is one of `allowed`, in
+    /// one transaction; otherwise says why not.
+    async fn operator_transition(
+        &self,
+        id: i64,
+        allowed: &[&str],
+        sql: &'static str,
+        now: DateTime<Utc>,
+        refusal: &str,
+    ) -> Result<Result<(), String>> {
         let mut tx = self.begin().await?;
         let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = ?")
             .bind(id)
             .fetch_optional(&mut *tx)
             .await?;
-        let verdict = match status.as_deref() {
+        let verdict = match status {
             None => Err(format!("no job {id}")),
-            Some("pending" | "dead" | "expired" | "skipped") => {
-                sqlx::query("UPDATE jobs SET status = 'discarded', updated_at = ? WHERE id = ?")
+            Some(s) if allowed.contains(&s.as_str()) => {
+                sqlx::query(sql)
                     .bind(ms(now))
                     .bind(id)
                     .execute(&mut *tx)
                     .await?;
                 Ok(())
             }
-            Some(other) => Err(format!("job {id} is {other}; it cannot be discarded now")),
+            Some(other) => Err(format!("job {id} is {other}; {refusal}")),
         };
         tx.commit().await?;
         Ok(verdict)
