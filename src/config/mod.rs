@@ -109,16 +109,26 @@ pub enum SourceAuth {
         query: Option<String>,
         secret: SecretString,
     },
-    HmacSha256 {
+    /// An HMAC over the exact raw body, in a header that may carry several signatures.
+    Hmac {
+        algo: HmacAlgo,
         header: String,
         encoding: SigEncoding,
         prefix: String,
-        secret: SecretString,
+        /// The current secret, then (while rotating) the previous one.
+        secrets: Vec<SecretString>,
     },
     Basic {
         username: String,
         password: SecretString,
     },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HmacAlgo {
+    Sha1,
+    Sha256,
+    Sha512,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -756,13 +766,15 @@ fn auth(
     let kind = raw.kind.get_ref().as_str();
     let allowed: &[&str] = match kind {
         "static" => &["field", "form_field", "query", "secret"],
-        "hmac-sha256" => &["header", "encoding", "prefix", "secret"],
+        "hmac-sha256" | "hmac-sha1" | "hmac-sha512" => {
+            &["header", "encoding", "prefix", "secret", "previous_secret"]
+        }
         "basic" => &["username", "password"],
         other => {
             errs.at(
                 &raw.kind,
                 format!(
-                    "unknown auth kind {other:?}; use \"static\", \"hmac-sha256\" or \"basic\""
+                    "unknown auth kind {other:?}; use \"static\", \"hmac-sha256\", \"hmac-sha1\", \"hmac-sha512\" or \"basic\""
                 ),
             );
             return None;
@@ -824,12 +836,20 @@ fn auth(
                 secret,
             })
         }
-        "hmac-sha256" => {
-            let secret = need_secret(errs, &raw.secret, "hmac secret")?;
+        "hmac-sha256" | "hmac-sha1" | "hmac-sha512" => {
+            let mut secrets = vec![need_secret(errs, &raw.secret, "hmac secret")?];
+            if let Some(previous) = &raw.previous_secret {
+                secrets.push(secret(errs, previous, env, base_dir, "previous hmac secret")?.0);
+            }
+            let algo = match kind {
+                "hmac-sha1" => HmacAlgo::Sha1,
+                "hmac-sha512" => HmacAlgo::Sha512,
+                _ => HmacAlgo::Sha256,
+            };
             let Some(header) = raw.header.clone() else {
                 errs.at(
                     a,
-                    "auth kind \"hmac-sha256\" needs `header` (e.g. \"X-Signature\")",
+                    format!("auth kind {kind:?} needs `header` (e.g. \"X-Signature\")"),
                 );
                 return None;
             };
@@ -844,11 +864,12 @@ fn auth(
                     return None;
                 }
             };
-            Some(SourceAuth::HmacSha256 {
+            Some(SourceAuth::Hmac {
+                algo,
                 header: header.to_ascii_lowercase(),
                 encoding,
                 prefix: raw.prefix.clone().unwrap_or_default(),
-                secret,
+                secrets,
             })
         }
         _ => {

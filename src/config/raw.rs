@@ -202,12 +202,13 @@ pub struct RawAuth {
     pub encoding: Option<Spanned<String>>,
     pub prefix: Option<String>,
     pub secret: Option<Spanned<RawSecret>>,
+    pub previous_secret: Option<Spanned<RawSecret>>,
     pub username: Option<String>,
     pub password: Option<Spanned<RawSecret>>,
 }
 
 impl RawAuth {
-    pub fn present_keys(&self) -> [(&'static str, bool); 9] {
+    pub fn present_keys(&self) -> [(&'static str, bool); 10] {
         [
             ("field", self.field.is_some()),
             ("form_field", self.form_field.is_some()),
@@ -216,6 +217,7 @@ impl RawAuth {
             ("encoding", self.encoding.is_some()),
             ("prefix", self.prefix.is_some()),
             ("secret", self.secret.is_some()),
+            ("previous_secret", self.previous_secret.is_some()),
             ("username", self.username.is_some()),
             ("password", self.password.is_some()),
         ]

@@ -422,3 +422,83 @@ async fn the_body_hash_of_a_static_source_cannot_confirm_the_secret() {
         .await;
     assert_eq!(r.status(), 200);
 }
+
+/// Computed with `openssl dgst -sha1 -hmac whsec-test-key -hex post-call.json` and
+/// `openssl dgst -sha512 -hmac whsec-test-key -binary post-call.json | base64`.
+const POST_CALL_SHA1: &str = "4890620380cdd4da74554e2f6d3dcd931d0f5292";
+const POST_CALL_SHA512_B64: &str =
+    "OwabiIt8SjJ9RZQM1fU4/L6oaoCIa6HhP5VjlRewvt1YJZvaxbCYBjqGL3EhxhDrK/qk0jT+x5YbpfcVx1RhdA==";
+
+const HMAC_SOURCES: &str = r#"
+[[sources]]
+name = "sha1"
+auth = { kind = "hmac-sha1", header = "X-Hub-Signature", prefix = "sha1=", secret = { value = "whsec-test-key" } }
+[[sources]]
+name = "sha512"
+auth = { kind = "hmac-sha512", header = "X-Sig", encoding = "base64", secret = { value = "whsec-test-key" } }
+[[sources]]
+name = "rotating"
+auth = { kind = "hmac-sha256", header = "X-Signature", prefix = "sha256=", secret = { value = "the-new-key" }, previous_secret = { value = "whsec-test-key" } }
+"#;
+
+#[tokio::test]
+async fn hmac_sha1_sha512_several_signatures_and_rotation() {
+    let t = spawn_with(Options {
+        rules: HMAC_SOURCES.into(),
+        ..Options::default()
+    })
+    .await;
+    let body = sample("post-call.json");
+    let post = |source: &'static str, header: &'static str, value: String| {
+        let t = &t;
+        let body = body.clone();
+        async move {
+            t.post(source, "application/json", body, &[(header, &value)])
+                .await
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(
+        post("sha1", "X-Hub-Signature", format!("sha1={POST_CALL_SHA1}")).await,
+        202
+    );
+    assert_eq!(
+        post("sha512", "X-Sig", POST_CALL_SHA512_B64.to_string()).await,
+        202
+    );
+    // Several signatures in one header, the valid one made with the *previous* secret of
+    // a rotating source: any match under any active secret passes.
+    let several = format!("sha256=00ff, sha256={POST_CALL_SIG} sha256=abcd");
+    assert_eq!(post("rotating", "X-Signature", several).await, 202);
+    // The same signature over one more byte does not.
+    let mut spaced = body.clone();
+    spaced.push(b' ');
+    let wrong = t
+        .post(
+            "rotating",
+            "application/json",
+            spaced,
+            &[("X-Signature", &format!("sha256={POST_CALL_SIG}"))],
+        )
+        .await;
+    assert_eq!(wrong.status(), 401, "the signature covers the exact bytes");
+    // Nothing readable, wrong algorithm, wrong key.
+    assert_eq!(
+        post("sha1", "X-Hub-Signature", format!("sha256={POST_CALL_SIG}")).await,
+        401
+    );
+    assert_eq!(
+        post("sha512", "X-Sig", "not base64!".to_string()).await,
+        401
+    );
+    assert_eq!(
+        post(
+            "sha1",
+            "X-Hub-Signature",
+            "sha1=".to_string() + &"0".repeat(40)
+        )
+        .await,
+        401
+    );
+}
