@@ -10,7 +10,7 @@ use crate::rules::{Condition, PatchSet, Rule, Schedule, Target, Trigger};
 use chrono_tz::Tz;
 use croner::parser::{CronParser, Seconds};
 use raw::{RawAuth, RawConfig, RawRule, RawSecret, RawSource};
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -121,6 +121,14 @@ pub enum SourceAuth {
     Basic {
         username: String,
         password: SecretString,
+    },
+    /// Standard Webhooks: `webhook-id`, `webhook-timestamp`, `webhook-signature`
+    /// (`v1,<base64>` entries) over `id.timestamp.body`, HMAC-SHA256 with the decoded
+    /// `whsec_` secret.
+    StandardWebhooks {
+        /// Base64 keys (the `whsec_` prefix removed), current first.
+        keys: Vec<SecretString>,
+        tolerance: Duration,
     },
 }
 
@@ -749,6 +757,11 @@ fn source(
         (None, None) => None,
     };
     let auth = auth(errs, &raw.auth, env, base_dir)?;
+    // A Standard Webhooks delivery names itself: dedupe on `webhook-id` by default.
+    let id = match (&auth, id) {
+        (SourceAuth::StandardWebhooks { .. }, None) => Some(IdSpec::Header("webhook-id".into())),
+        (_, id) => id,
+    };
     Some(Source {
         name: name.clone(),
         auth,
@@ -770,11 +783,12 @@ fn auth(
             &["header", "encoding", "prefix", "secret", "previous_secret"]
         }
         "basic" => &["username", "password"],
+        "standard-webhooks" => &["secret", "previous_secret", "tolerance"],
         other => {
             errs.at(
                 &raw.kind,
                 format!(
-                    "unknown auth kind {other:?}; use \"static\", \"hmac-sha256\", \"hmac-sha1\", \"hmac-sha512\" or \"basic\""
+                    "unknown auth kind {other:?}; use \"static\", \"hmac-sha256\", \"hmac-sha1\", \"hmac-sha512\", \"standard-webhooks\" or \"basic\""
                 ),
             );
             return None;
@@ -871,6 +885,41 @@ fn auth(
                 prefix: raw.prefix.clone().unwrap_or_default(),
                 secrets,
             })
+        }
+        "standard-webhooks" => {
+            let mut keys = Vec::new();
+            for (s, what) in [
+                (&raw.secret, "standard-webhooks secret"),
+                (&raw.previous_secret, "previous standard-webhooks secret"),
+            ] {
+                let Some(spanned) = s else { continue };
+                let key = secret(errs, spanned, env, base_dir, what)?.0;
+                let text = key.expose_secret();
+                let b64 = text.strip_prefix("whsec_").unwrap_or(text);
+                use base64::Engine;
+                if base64::engine::general_purpose::STANDARD
+                    .decode(b64)
+                    .is_err()
+                {
+                    errs.at(
+                        spanned,
+                        format!(
+                            "{what} must be `whsec_` followed by base64 (the value is not shown)"
+                        ),
+                    );
+                    return None;
+                }
+                keys.push(SecretString::from(b64.to_string()));
+            }
+            if keys.is_empty() {
+                errs.at(a, "auth kind \"standard-webhooks\" needs `secret`");
+                return None;
+            }
+            let tolerance = match &raw.tolerance {
+                Some(t) => duration(errs, t)?,
+                None => Duration::from_secs(300),
+            };
+            Some(SourceAuth::StandardWebhooks { keys, tolerance })
         }
         _ => {
             let password = need_secret(errs, &raw.password, "basic password")?;

@@ -205,10 +205,11 @@ pub struct RawAuth {
     pub previous_secret: Option<Spanned<RawSecret>>,
     pub username: Option<String>,
     pub password: Option<Spanned<RawSecret>>,
+    pub tolerance: Option<Spanned<String>>,
 }
 
 impl RawAuth {
-    pub fn present_keys(&self) -> [(&'static str, bool); 10] {
+    pub fn present_keys(&self) -> [(&'static str, bool); 11] {
         [
             ("field", self.field.is_some()),
             ("form_field", self.form_field.is_some()),
@@ -220,6 +221,7 @@ impl RawAuth {
             ("previous_secret", self.previous_secret.is_some()),
             ("username", self.username.is_some()),
             ("password", self.password.is_some()),
+            ("tolerance", self.tolerance.is_some()),
         ]
     }
 }

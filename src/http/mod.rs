@@ -177,6 +177,7 @@ async fn ingest(
         headers: &headers,
         query: uri.query(),
         raw_body: &body,
+        now: st.clock.now().timestamp(),
     };
     // Nothing touches the body before the signature over its raw bytes is checked.
     let verdict = auth::verify_raw(&source.auth, &offered);

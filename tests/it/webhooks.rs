@@ -502,3 +502,54 @@ async fn hmac_sha1_sha512_several_signatures_and_rotation() {
         401
     );
 }
+
+/// Computed with openssl, not our code:
+/// `printf 'msg_p5jXN8AQM9LWM0D4loKWxJek.1796299200.' > m; cat post-call.json >> m;`
+/// `openssl dgst -sha256 -mac HMAC -macopt hexkey:$(printf 'standard-webhooks-test-key-32byt' | xxd -p -c 256) -binary m | base64`
+const SW_SIG: &str = "04CR/ugenOBinEWuMuB9apsj9TXr2G6T31+H8sdDv00=";
+const SW_SOURCE: &str = r#"
+[[sources]]
+name = "sw"
+auth = { kind = "standard-webhooks", secret = { value = "whsec_c3RhbmRhcmQtd2ViaG9va3MtdGVzdC1rZXktMzJieXQ=" } }
+"#;
+
+#[tokio::test]
+async fn standard_webhooks_signature_timestamp_and_id() {
+    // 1796299200 is 2026-12-03T12:00:00Z.
+    let t = spawn_with(Options {
+        rules: SW_SOURCE.into(),
+        manual_clock: Some("2026-12-03T12:02:00Z".parse().unwrap()),
+        ..Options::default()
+    })
+    .await;
+    let sig = format!("v1,bm90IHRoaXM= v1,{SW_SIG}");
+    let headers = |ts: &'static str, sig: String| {
+        vec![
+            ("webhook-id", "msg_p5jXN8AQM9LWM0D4loKWxJek".to_string()),
+            ("webhook-timestamp", ts.to_string()),
+            ("webhook-signature", sig),
+        ]
+    };
+    let send = |h: Vec<(&'static str, String)>| {
+        let t = &t;
+        async move {
+            let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            t.post("sw", "application/json", sample("post-call.json"), &h)
+                .await
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(send(headers("1796299200", sig.clone())).await, 202);
+    // The same message again: deduplicated on webhook-id.
+    assert_eq!(send(headers("1796299200", sig.clone())).await, 200);
+    // Another timestamp under the same signature does not verify.
+    assert_eq!(send(headers("1796299201", sig.clone())).await, 401);
+    // Replayed 6 minutes later: outside the 5-minute tolerance.
+    t.manual
+        .as_ref()
+        .unwrap()
+        .set("2026-12-03T12:06:01Z".parse().unwrap());
+    assert_eq!(send(headers("1796299200", sig)).await, 401);
+    assert_eq!(t.store().delivery_count("sw").await.unwrap(), 1);
+}
