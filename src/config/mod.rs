@@ -122,6 +122,8 @@ pub enum SourceAuth {
         username: String,
         password: SecretString,
     },
+    /// A secret path segment: `POST /webhooks/{source}/{secret}`.
+    PathToken { secret: SecretString },
     /// Standard Webhooks: `webhook-id`, `webhook-timestamp`, `webhook-signature`
     /// (`v1,<base64>` entries) over `id.timestamp.body`, HMAC-SHA256 with the decoded
     /// `whsec_` secret.
@@ -784,11 +786,12 @@ fn auth(
         }
         "basic" => &["username", "password"],
         "standard-webhooks" => &["secret", "previous_secret", "tolerance"],
+        "path" => &["secret"],
         other => {
             errs.at(
                 &raw.kind,
                 format!(
-                    "unknown auth kind {other:?}; use \"static\", \"hmac-sha256\", \"hmac-sha1\", \"hmac-sha512\", \"standard-webhooks\" or \"basic\""
+                    "unknown auth kind {other:?}; use \"static\", \"hmac-sha256\", \"hmac-sha1\", \"hmac-sha512\", \"standard-webhooks\", \"path\" or \"basic\""
                 ),
             );
             return None;
@@ -885,6 +888,18 @@ fn auth(
                 prefix: raw.prefix.clone().unwrap_or_default(),
                 secrets,
             })
+        }
+        "path" => {
+            let secret = need_secret(errs, &raw.secret, "path secret")?;
+            let ok = secret
+                .expose_secret()
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.~".contains(c));
+            if !ok {
+                errs.at(a, "a path secret may hold only letters, digits and - _ . ~ (it is a URL segment; the value is not shown)");
+                return None;
+            }
+            Some(SourceAuth::PathToken { secret })
         }
         "standard-webhooks" => {
             let mut keys = Vec::new();

@@ -16,12 +16,26 @@ pub struct Offered<'a> {
     pub raw_body: &'a [u8],
     /// Now, in Unix seconds (for timestamped schemes).
     pub now: i64,
+    /// The secret path segment of `/webhooks/{source}/{token}`, if the URL had one.
+    pub path_token: Option<&'a str>,
 }
 
 /// Checks what can be checked before the body is parsed (HMAC, basic, query). Static
 /// body fields are checked by [`check_static_body`] after parsing.
 pub fn verify_raw(auth: &SourceAuth, offered: &Offered<'_>) -> Verdict {
+    // A secret path segment belongs to `path` sources only.
+    if offered.path_token.is_some() != matches!(auth, SourceAuth::PathToken { .. }) {
+        return Verdict::Denied("path token present on a source that does not use one, or missing");
+    }
     match auth {
+        SourceAuth::PathToken { secret } => {
+            let given = offered.path_token.unwrap_or_default();
+            if ct_eq(given.as_bytes(), secret.expose_secret().as_bytes()) {
+                Verdict::Allowed
+            } else {
+                Verdict::Denied("path token mismatch")
+            }
+        }
         SourceAuth::Hmac {
             algo,
             header,

@@ -34,6 +34,7 @@ pub fn router(state: AppState) -> Router {
     let timeout = state.config.server.request_timeout;
     Router::new()
         .route("/webhooks/{source}", post(ingest))
+        .route("/webhooks/{source}/{token}", post(ingest))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
@@ -154,16 +155,24 @@ fn unauthorized(source: &str, why: &str) -> ApiError {
 
 async fn ingest(
     State(st): State<AppState>,
-    source_name: Result<Path<String>, axum::extract::rejection::PathRejection>,
+    segments: Result<Path<Vec<String>>, axum::extract::rejection::PathRejection>,
     uri: Uri,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let Ok(Path(source_name)) = source_name else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "unknown webhook source",
-        ));
+    // `/webhooks/{source}` or `/webhooks/{source}/{token}` (a secret path segment).
+    let (source_name, path_token) = match segments {
+        Ok(Path(mut s)) if s.len() == 1 => (s.remove(0), None),
+        Ok(Path(mut s)) if s.len() == 2 => {
+            let token = s.pop();
+            (s.remove(0), token)
+        }
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                "unknown webhook source",
+            ))
+        }
     };
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
     let Some(source) = st.config.source(&source_name) else {
@@ -178,6 +187,7 @@ async fn ingest(
         query: uri.query(),
         raw_body: &body,
         now: st.clock.now().timestamp(),
+        path_token: path_token.as_deref(),
     };
     // Nothing touches the body before the signature over its raw bytes is checked.
     let verdict = auth::verify_raw(&source.auth, &offered);

@@ -553,3 +553,32 @@ async fn standard_webhooks_signature_timestamp_and_id() {
     assert_eq!(send(headers("1796299200", sig)).await, 401);
     assert_eq!(t.store().delivery_count("sw").await.unwrap(), 1);
 }
+
+#[tokio::test]
+async fn a_secret_path_segment_authenticates_its_source_only() {
+    let t = spawn_with(Options {
+        rules: format!(
+            "{RULES}\n[[sources]]\nname = \"hidden\"\nauth = {{ kind = \"path\", secret = {{ value = \"s3cret-seg_42\" }} }}\n"
+        ),
+        ..Options::default()
+    })
+    .await;
+    let post = |path: &'static str| {
+        let t = &t;
+        async move {
+            t.http
+                .post(format!("http://{}{path}", t.addr))
+                .json(&json!({"event": "x"}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(post("/webhooks/hidden/s3cret-seg_42").await, 202);
+    assert_eq!(post("/webhooks/hidden/s3cret-seg_43").await, 401);
+    assert_eq!(post("/webhooks/hidden").await, 401);
+    assert_eq!(post("/webhooks/convirza/s3cret-seg_42").await, 401);
+    assert_eq!(t.store().delivery_count("hidden").await.unwrap(), 1);
+}
