@@ -49,6 +49,7 @@ impl App {
         let mut tasks = Vec::new();
 
         let state = AppState {
+            limits: Arc::new(http::buckets(&config)),
             config: config.clone(),
             store: store.clone(),
             clock: clock.clone(),

@@ -97,6 +97,14 @@ pub struct Source {
     pub name: String,
     pub auth: SourceAuth,
     pub id: Option<IdSpec>,
+    /// Authenticated deliveries per second (and burst) before 429.
+    pub rate_limit: Option<RateLimit>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -764,10 +772,31 @@ fn source(
         (SourceAuth::StandardWebhooks { .. }, None) => Some(IdSpec::Header("webhook-id".into())),
         (_, id) => id,
     };
+    let rate_limit = match &raw.rate_limit {
+        Some(r) => {
+            let rl = r.get_ref();
+            let burst = rl
+                .burst
+                .unwrap_or_else(|| (rl.per_second.ceil() as u32).max(1));
+            if !(0.01..=100_000.0).contains(&rl.per_second) || burst == 0 {
+                errs.at(
+                    r,
+                    "rate_limit needs 0.01 <= per_second <= 100000 and burst >= 1",
+                );
+                return None;
+            }
+            Some(RateLimit {
+                per_second: rl.per_second,
+                burst,
+            })
+        }
+        None => None,
+    };
     Some(Source {
         name: name.clone(),
         auth,
         id,
+        rate_limit,
     })
 }
 

@@ -189,6 +189,15 @@ pub struct RawSource {
     pub auth: Spanned<RawAuth>,
     pub id: Option<Spanned<String>>,
     pub id_header: Option<Spanned<String>>,
+    pub rate_limit: Option<Spanned<RawRateLimit>>,
+}
+
+/// `{ per_second = 20, burst = 40 }`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub per_second: f64,
+    pub burst: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -14,6 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::Notify;
 use tracing::{debug, error, info, warn};
@@ -22,11 +23,61 @@ pub use auth::Verdict;
 
 #[derive(Clone)]
 pub struct AppState {
+    /// Token buckets of the sources that have a `rate_limit`.
+    pub limits: Arc<HashMap<String, std::sync::Mutex<Bucket>>>,
     pub config: Arc<Config>,
     pub store: Store,
     pub clock: SharedClock,
     /// Wakes the queue workers after jobs are committed.
     pub queue_notify: Arc<Notify>,
+}
+
+/// A token bucket: `burst` tokens, refilled at `per_second`.
+#[derive(Debug)]
+pub struct Bucket {
+    limit: crate::config::RateLimit,
+    tokens: f64,
+    at: std::time::Instant,
+}
+
+impl Bucket {
+    pub fn new(limit: crate::config::RateLimit) -> Self {
+        Self {
+            limit,
+            tokens: f64::from(limit.burst),
+            at: std::time::Instant::now(),
+        }
+    }
+
+    /// Takes a token, or says how long until one is there.
+    fn take(&mut self) -> Result<(), std::time::Duration> {
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * self.limit.per_second;
+        self.tokens = (self.tokens + refill).min(f64::from(self.limit.burst));
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(std::time::Duration::from_secs_f64(
+                (1.0 - self.tokens) / self.limit.per_second,
+            ))
+        }
+    }
+}
+
+/// The buckets for a config's sources.
+pub fn buckets(config: &Config) -> HashMap<String, std::sync::Mutex<Bucket>> {
+    config
+        .sources
+        .iter()
+        .filter_map(|s| {
+            Some((
+                s.name.clone(),
+                std::sync::Mutex::new(Bucket::new(s.rate_limit?)),
+            ))
+        })
+        .collect()
 }
 
 pub fn router(state: AppState) -> Router {
@@ -213,6 +264,22 @@ async fn ingest(
     if verdict == Verdict::NeedsBody {
         if let Verdict::Denied(why) = auth::check_static_body(&source.auth, &payload, is_form) {
             return Err(unauthorized(&source.name, why));
+        }
+    }
+    // Counted after authentication, so forged floods cannot spend a sender's budget.
+    if let Some(bucket) = st.limits.get(&source.name) {
+        let taken = bucket.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Err(wait) = taken {
+            let mut resp = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate limit exceeded; retry later",
+            )
+            .into_response();
+            let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+            if let Ok(v) = header::HeaderValue::from_str(&secs.to_string()) {
+                resp.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            return Ok(resp);
         }
     }
 

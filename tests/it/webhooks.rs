@@ -582,3 +582,48 @@ async fn a_secret_path_segment_authenticates_its_source_only() {
     assert_eq!(post("/webhooks/convirza/s3cret-seg_42").await, 401);
     assert_eq!(t.store().delivery_count("hidden").await.unwrap(), 1);
 }
+
+#[tokio::test]
+async fn a_source_over_its_rate_limit_gets_429_with_retry_after() {
+    let t = spawn_with(Options {
+        rules: format!(
+            "{RULES}\n[[sources]]\nname = \"limited\"\nauth = {{ kind = \"path\", secret = {{ value = \"k\" }} }}\nrate_limit = {{ per_second = 0.5, burst = 2 }}\n"
+        ),
+        ..Options::default()
+    })
+    .await;
+    let mut statuses = Vec::new();
+    let mut retry_after = None;
+    for i in 0..4 {
+        let r = t
+            .http
+            .post(format!("http://{}/webhooks/limited/k", t.addr))
+            .json(&json!({"n": i}))
+            .send()
+            .await
+            .unwrap();
+        statuses.push(r.status().as_u16());
+        if r.status() == 429 {
+            retry_after = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_string());
+        }
+    }
+    assert_eq!(statuses, vec![202, 202, 429, 429]);
+    assert_eq!(retry_after.as_deref(), Some("2"));
+    assert_eq!(
+        t.store().delivery_count("limited").await.unwrap(),
+        2,
+        "a 429 stores nothing"
+    );
+    // Forged requests do not spend the budget of the real sender.
+    let other = t
+        .http
+        .post(format!("http://{}/webhooks/limited/wrong", t.addr))
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 401);
+}
