@@ -87,6 +87,7 @@ async fn main() -> anyhow::Result<()> {
         store
             .record_delivery(
                 &NewDelivery {
+                    event_at: None,
                     source: "bench".into(),
                     dedupe_key: format!("chunk {chunk}"),
                     received_at: now,

@@ -91,3 +91,12 @@ CREATE TABLE oauth_tokens (
     refresh_expires_at INTEGER NOT NULL,
     obtained_at        INTEGER NOT NULL
 );
+
+-- The newest event time applied per (source, agent), for sources with `event_time`: an
+-- older delivery arriving later is recorded as stale and changes nothing.
+CREATE TABLE agent_event_times (
+    source   TEXT    NOT NULL,
+    agent_id INTEGER NOT NULL,
+    event_at INTEGER NOT NULL,
+    PRIMARY KEY (source, agent_id)
+);

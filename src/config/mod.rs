@@ -99,6 +99,8 @@ pub struct Source {
     pub id: Option<IdSpec>,
     /// Authenticated deliveries per second (and burst) before 429.
     pub rate_limit: Option<RateLimit>,
+    /// JSON pointer to when the event happened (RFC 3339 or Unix seconds).
+    pub event_time: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -792,11 +794,22 @@ fn source(
         }
         None => None,
     };
+    let event_time = match &raw.event_time {
+        Some(p) => match crate::rules::Condition::new(p.get_ref(), &Value::Bool(true)) {
+            Ok(c) => Some(c.path),
+            Err(e) => {
+                errs.at(p, e);
+                return None;
+            }
+        },
+        None => None,
+    };
     Some(Source {
         name: name.clone(),
         auth,
         id,
         rate_limit,
+        event_time,
     })
 }
 

@@ -190,6 +190,7 @@ pub struct RawSource {
     pub id: Option<Spanned<String>>,
     pub id_header: Option<Spanned<String>>,
     pub rate_limit: Option<Spanned<RawRateLimit>>,
+    pub event_time: Option<Spanned<String>>,
 }
 
 /// `{ per_second = 20, burst = 40 }`

@@ -333,7 +333,22 @@ async fn ingest(
         )
         .collect();
 
+    let event_at = source.event_time.as_ref().and_then(|p| {
+        let at = payload.pointer(p).and_then(|v| match v {
+            Value::String(s) => chrono::DateTime::parse_from_rfc3339(s)
+                .ok()
+                .map(|t| t.with_timezone(&chrono::Utc))
+                .or_else(|| s.trim().parse::<i64>().ok().and_then(|n| chrono::DateTime::from_timestamp(n, 0))),
+            Value::Number(n) => n.as_i64().and_then(|n| chrono::DateTime::from_timestamp(n, 0)),
+            _ => None,
+        });
+        if at.is_none() {
+            warn!(source = %source.name, pointer = %p, "delivery has no readable event time; not checked for order");
+        }
+        at
+    });
     let delivery = NewDelivery {
+        event_at,
         source: source.name.clone(),
         dedupe_key,
         received_at: now,

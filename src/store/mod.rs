@@ -130,6 +130,8 @@ pub struct StoredTokens {
 
 #[derive(Debug, Clone)]
 pub struct NewDelivery {
+    /// When the event happened, from the source's `event_time` pointer.
+    pub event_at: Option<DateTime<Utc>>,
     pub source: String,
     pub dedupe_key: String,
     pub received_at: DateTime<Utc>,
@@ -451,7 +453,48 @@ impl Store {
         };
         let mut jobs = 0;
         for run in runs {
-            if let Some((_, n)) = insert_run(&mut tx, run, Some(delivery_id), d.received_at).await?
+            let mut run = run.clone();
+            if let Some(event_at) = d.event_at {
+                // Out of order: an event older than the newest one already applied for an
+                // agent must not overwrite newer state. Checked in this transaction.
+                let mut stale = Vec::new();
+                let mut fresh = Vec::new();
+                for job in run.jobs.drain(..) {
+                    let newest: Option<i64> = sqlx::query_scalar(
+                        "SELECT event_at FROM agent_event_times WHERE source = ? AND agent_id = ?",
+                    )
+                    .bind(&d.source)
+                    .bind(job.agent_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    if newest.is_some_and(|n| n > ms(event_at)) {
+                        stale.push(format!(
+                            "agent {}: stale, older than an event already applied",
+                            job.agent_id
+                        ));
+                        continue;
+                    }
+                    sqlx::query(
+                        "INSERT INTO agent_event_times (source, agent_id, event_at) VALUES (?, ?, ?)
+                         ON CONFLICT (source, agent_id) DO UPDATE SET event_at = MAX(event_at, excluded.event_at)",
+                    )
+                    .bind(&d.source)
+                    .bind(job.agent_id)
+                    .bind(ms(event_at))
+                    .execute(&mut *tx)
+                    .await?;
+                    fresh.push(job);
+                }
+                run.jobs = fresh;
+                if !stale.is_empty() {
+                    run.skipped += stale.len();
+                    let mut detail: Vec<String> = run.detail.take().into_iter().collect();
+                    detail.extend(stale);
+                    run.detail = Some(detail.join("; "));
+                }
+            }
+            if let Some((_, n)) =
+                insert_run(&mut tx, &run, Some(delivery_id), d.received_at).await?
             {
                 jobs += n;
             }

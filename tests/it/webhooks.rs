@@ -627,3 +627,58 @@ async fn a_source_over_its_rate_limit_gets_429_with_retry_after() {
         .unwrap();
     assert_eq!(other.status(), 401);
 }
+
+#[tokio::test]
+async fn an_older_event_arriving_late_is_recorded_as_stale_and_sends_nothing() {
+    let t = spawn_with(Options {
+        rules: r#"
+[[sources]]
+name = "calls"
+auth = { kind = "path", secret = { value = "k" } }
+id = "/call_id"
+event_time = "/call_ended"
+[[rules]]
+name = "last call"
+webhook = { source = "calls" }
+agent = "/ai_voice_agent_id"
+set = { more_information = "updated" }
+"#
+        .into(),
+        ..Options::default()
+    })
+    .await;
+    let send = |call_id: i64, ended: &'static str| {
+        let t = &t;
+        async move {
+            t.http
+                .post(format!("http://{}/webhooks/calls/k", t.addr))
+                .json(&json!({"call_id": call_id, "call_ended": ended, "ai_voice_agent_id": 101}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(send(2, "2026-11-30T23:46:19Z").await, 202);
+    assert_eq!(
+        send(1, "2026-11-30T23:40:00Z").await,
+        202,
+        "accepted and stored"
+    );
+    t.settle().await;
+    assert_eq!(
+        t.patches().await.len(),
+        1,
+        "only the newer event caused a PATCH"
+    );
+    let runs = t.store().runs(Some("last call")).await.unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[1].decision, "skipped");
+    assert!(
+        runs[1].detail.as_deref().unwrap().contains("stale"),
+        "{:?}",
+        runs[1].detail
+    );
+    assert_eq!(t.store().delivery_count("calls").await.unwrap(), 2);
+}
