@@ -89,6 +89,9 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
+        })
         .layer(DefaultBodyLimit::max(limit))
         // A sender that trickles its body is cut off (408) instead of holding a slot.
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(

@@ -353,7 +353,7 @@ async fn every_error_answer_is_json() {
     assert!(v["error"].as_str().unwrap().contains("length limit"), "{v}");
     let r = t
         .http
-        .get(format!("http://{}/webhooks/convirza/extra", t.addr))
+        .get(format!("http://{}/no/such/thing", t.addr))
         .send()
         .await
         .unwrap();
@@ -362,6 +362,14 @@ async fn every_error_answer_is_json() {
         r.json::<serde_json::Value>().await.unwrap()["error"],
         "no such endpoint"
     );
+    let r = t
+        .http
+        .get(format!("http://{}/webhooks/convirza", t.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+    assert!(r.json::<serde_json::Value>().await.unwrap()["error"].is_string());
 }
 
 #[tokio::test]
