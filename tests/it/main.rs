@@ -8,5 +8,6 @@ mod crash;
 mod faults;
 mod oauth;
 mod queue;
+mod redaction;
 mod schedule;
 mod webhooks;
