@@ -690,3 +690,41 @@ set = { more_information = "updated" }
     );
     assert_eq!(t.store().delivery_count("calls").await.unwrap(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_delivery_posted_twenty_times_at_once_causes_one_effect() {
+    let t = spawn().await;
+    let body = sample("post-call.json");
+    let url = format!("http://{}/webhooks/convirza", t.addr);
+    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(20));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let (http, url, body, barrier) =
+            (t.http.clone(), url.clone(), body.clone(), barrier.clone());
+        tasks.spawn(async move {
+            barrier.wait().await;
+            let r = http
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        });
+    }
+    let statuses: Vec<u16> = tasks.join_all().await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 202).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 200).count(),
+        19,
+        "{statuses:?}"
+    );
+    t.settle().await;
+    assert_eq!(t.store().jobs(None, None).await.unwrap().len(), 1);
+    assert_eq!(t.patches().await.len(), 1);
+}
