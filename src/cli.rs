@@ -241,20 +241,24 @@ async fn serve(path: &Path) -> anyhow::Result<()> {
 
 fn check(path: &Path) -> anyhow::Result<()> {
     let config = load(path)?;
-    println!("{}: valid", path.display());
-    println!(
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    writeln!(out, "{}: valid", path.display())?;
+    writeln!(
+        out,
         "  listen {}, database {}, platform {}, {} source(s), {} rule(s)",
         config.server.listen,
         config.database.path.display(),
         config.platform.base_url,
         config.sources.len(),
         config.rules.len()
-    );
+    )?;
     let now = chrono::Utc::now();
     for rule in &config.rules {
         match &rule.trigger {
             Trigger::Schedule(s) => {
-                println!(
+                writeln!(
+                    out,
                     "  rule {:?}: cron {:?} in {} ({})",
                     rule.name,
                     s.expr,
@@ -264,37 +268,42 @@ fn check(path: &Path) -> anyhow::Result<()> {
                     } else {
                         "fixed time"
                     }
-                );
+                )?;
                 for note in s.surprises() {
-                    println!("    note: {note}");
+                    writeln!(out, "    note: {note}")?;
                 }
                 let mut t = now;
                 for _ in 0..3 {
                     match s.next_after(t) {
                         Some(n) => {
-                            println!(
+                            writeln!(
+                                out,
                                 "    next {}  ({})",
                                 n.with_timezone(&s.zone).format("%Y-%m-%d %H:%M %Z (%:z)"),
                                 n.format("%Y-%m-%dT%H:%M:%SZ")
-                            );
+                            )?;
                             t = n;
                         }
                         None => {
-                            println!("    never fires again");
+                            writeln!(out, "    never fires again")?;
                             break;
                         }
                     }
                 }
             }
             Trigger::Webhook { source, conditions } => {
-                println!(
+                writeln!(
+                    out,
                     "  rule {:?}: on webhook {source:?} when {} condition(s) match",
                     rule.name,
                     conditions.len()
-                );
+                )?;
             }
         }
     }
+    // A closed pipe (`check … | head`) is not an error worth a panic.
+    use std::io::Write as _;
+    let _ = std::io::stdout().lock().write_all(out.as_bytes());
     Ok(())
 }
 
@@ -553,6 +562,9 @@ fn plan(
     };
     if until <= from {
         anyhow::bail!("the range is empty: --until must be after --from");
+    }
+    if until - from > chrono::Duration::days(366) {
+        anyhow::bail!("the range is longer than 366 days; plan a year at a time");
     }
     let fires = crate::schedule::plan(&config.rules, &config.shifts, from, until);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());

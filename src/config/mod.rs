@@ -627,6 +627,9 @@ fn validate(
     let mut rule_names = HashSet::new();
     for r in &raw.rules {
         let name = r.get_ref().name.get_ref().clone();
+        if name.starts_with("shift:") {
+            errs.at(&r.get_ref().name, "rule names starting with \"shift:\" are reserved for shifts' runs in the audit trail");
+        }
         if !rule_names.insert(name.clone()) {
             errs.at(
                 &r.get_ref().name,
@@ -1074,7 +1077,7 @@ fn parse_days(text: &str) -> Result<[bool; 7], String> {
             .ok_or_else(|| format!("unknown day {s:?} in {text:?}; use mon, tue, wed, thu, fri, sat, sun, ranges like mon-fri, or daily"))
     };
     let mut days = [false; 7];
-    if matches!(text.trim(), "daily" | "*") {
+    if text.trim() == "*" || text.trim().eq_ignore_ascii_case("daily") {
         return Ok([true; 7]);
     }
     for part in text.split(',') {
@@ -1159,12 +1162,20 @@ fn shift(
     let mut windows = Vec::new();
     // Minutes of the week each window covers, to refuse overlaps.
     let mut covered: Vec<(usize, u32, u32, Range<usize>)> = Vec::new();
+    let mut reported = HashSet::new();
     for (i, w) in raw.windows.iter().enumerate() {
         let wr = w.get_ref();
         let days = parse_days(wr.days.get_ref())
             .map_err(|e| errs.at(&wr.days, e))
             .ok();
         let from = parse_time(wr.from.get_ref())
+            .and_then(|t| {
+                if wr.from.get_ref().trim() == "24:00" {
+                    Err("`from` cannot be 24:00 (the end of the day); write \"00:00\"".to_string())
+                } else {
+                    Ok(t)
+                }
+            })
             .map_err(|e| errs.at(&wr.from, e))
             .ok();
         let to = parse_time(wr.to.get_ref())
@@ -1172,8 +1183,9 @@ fn shift(
             .ok();
         let set = patch_set(errs, &wr.set, base_dir);
         if let (Some(from), Some(to)) = (from, to) {
-            if from == to {
-                errs.at(&wr.to, "a window needs `to` different from `from`");
+            // `00:00`-`24:00` is a whole day; any other equal pair is empty.
+            if from == to && wr.to.get_ref().trim() != "24:00" {
+                errs.at(&wr.to, "a window needs `to` different from `from` (a whole day is \"00:00\" to \"24:00\")");
             }
         }
         if let (Some(days), Some(from), Some(to), Some(set)) = (days, from, to, set) {
@@ -1193,7 +1205,7 @@ fn shift(
                             let d = (b + week - a) % week;
                             d < al || (week - d) % week < bl
                         };
-                        if *j != i && overlap(s, len, *os, *olen) {
+                        if *j != i && overlap(s, len, *os, *olen) && reported.insert((*j, i)) {
                             errs.at(
                                 w,
                                 format!(

@@ -306,3 +306,20 @@ fn a_zone_comes_from_the_rule_or_an_explicit_default_never_silently() {
     ));
     assert!(e.contains("unknown time zone \"Europe/Berlni\""), "{e}");
 }
+
+#[test]
+fn whole_day_windows_reserved_names_and_one_report_per_overlap() {
+    let base = |extra: &str| {
+        format!("{HEAD}[[shifts]]\nname = \"desk\"\nagents = [101]\ntimezone = \"UTC\"\n{extra}")
+    };
+    let c = load(&base("windows = [{ days = \"Daily\", from = \"00:00\", to = \"24:00\", set = { status = \"active\" } }]\n"));
+    assert!(c.is_ok(), "{}", c.unwrap_err());
+    let e = errors(&base("windows = [{ days = \"sat\", from = \"24:00\", to = \"06:00\", set = { status = \"active\" } }]\n"));
+    assert!(e.contains("`from` cannot be 24:00"), "{e}");
+    let e = errors(&base("windows = [{ days = \"daily\", from = \"08:00\", to = \"18:00\", set = { status = \"active\" } }, { days = \"daily\", from = \"09:00\", to = \"10:00\", set = { status = \"inactive\" } }]\n"));
+    assert_eq!(e.matches("overlaps").count(), 1, "{e}");
+    let e = errors(&format!(
+        "{HEAD}[[rules]]\nname = \"shift:desk\"\nschedule = {{ cron = \"0 8 * * *\", timezone = \"UTC\" }}\nagents = [1]\nset = {{ status = \"active\" }}\n"
+    ));
+    assert!(e.contains("reserved for shifts"), "{e}");
+}

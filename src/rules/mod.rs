@@ -73,11 +73,11 @@ impl Schedule {
                 .ok()
                 .map(|t| t.with_timezone(&Utc));
         }
-        // Wall times map to instants monotonically under the fixed-time policy, so the
-        // answer is the first matching wall time (in wall-clock order) whose instant is
-        // after `after`. Start a little before `after`'s wall time: in a fold, a later
-        // instant can carry an earlier wall time.
-        let mut wall = after.with_timezone(&self.zone).naive_local() - chrono::Duration::hours(4);
+        // Wall times map to instants monotonically under the fixed-time policy (each to
+        // its first instant, gap times to the gap's end), so the answer is the first
+        // matching wall time from `after`'s own wall time on whose instant is after
+        // `after`; no earlier wall time can land after it.
+        let mut wall = after.with_timezone(&self.zone).naive_local() - chrono::Duration::minutes(1);
         for _ in 0..100_000 {
             wall = self.cron.find_next_occurrence(&wall, false).ok()?;
             if let Some(at) = self.fixed_instant(wall) {

@@ -97,11 +97,25 @@ impl Shift {
                     out.push(b);
                 }
             }
-            if self.overrides.contains_key(&day) {
-                out.push(self.midnight(day));
-                if let Some(next) = day.succ_opt() {
-                    out.push(self.midnight(next));
-                }
+        }
+        // Overrides can be months apart: take the nearest on each side too.
+        let near = self
+            .overrides
+            .range(..=today)
+            .next_back()
+            .into_iter()
+            .chain(self.overrides.range(today..).take(2))
+            .map(|(d, _)| *d)
+            .chain(
+                self.overrides
+                    .range(today - Duration::days(8)..=today + Duration::days(8))
+                    .map(|(d, _)| *d),
+            )
+            .collect::<Vec<_>>();
+        for day in near {
+            out.push(self.midnight(day));
+            if let Some(next) = day.succ_opt() {
+                out.push(self.midnight(next));
             }
         }
         out.sort();
@@ -137,7 +151,9 @@ impl Shift {
         let (label, set) = self.desired_at(t);
         let bounds = self.boundaries_near(t);
         let same = |b: DateTime<Utc>| self.desired_at(b) == (label.clone(), set.clone());
-        let mut start = t - Duration::days(8);
+        // With no boundary behind `t` (a shift of future overrides only) the stretch has
+        // always been: a fixed start keeps it the same stretch across restarts.
+        let mut start = DateTime::<Utc>::UNIX_EPOCH;
         for b in bounds.iter().rev().filter(|b| **b <= t) {
             // Walk back over boundaries that do not change the state.
             let before = *b - Duration::seconds(1);
@@ -151,7 +167,7 @@ impl Shift {
             .copied()
             .filter(|b| *b > t && !same(*b))
             .min()
-            .unwrap_or(t + Duration::days(8));
+            .unwrap_or(t + Duration::days(366));
         Segment {
             start,
             end,
@@ -266,5 +282,37 @@ mod tests {
         // Monday 2026-03-09, the first weekday after the spring change: 08:00 EDT.
         let seg = s.segment_at(at("2026-03-09T09:00:00-04:00"));
         assert_eq!(seg.start, at("2026-03-09T08:00:00-04:00"));
+    }
+}
+
+#[cfg(test)]
+mod override_only {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn far_apart_overrides_keep_stable_segments() {
+        let set = |g: &str| PatchSet::from_json(&json!({ "greetings": g })).unwrap();
+        let s = Shift {
+            name: "x".into(),
+            agents: vec![1],
+            zone: chrono_tz::America::New_York,
+            windows: vec![],
+            otherwise: Some(set("normal")),
+            overrides: [(NaiveDate::from_ymd_opt(2026, 12, 25).unwrap(), set("xmas"))]
+                .into_iter()
+                .collect(),
+        };
+        let at = |x: &str| DateTime::parse_from_rfc3339(x).unwrap().with_timezone(&Utc);
+        let a = s.segment_at(at("2026-12-01T12:00:00Z"));
+        let b = s.segment_at(at("2026-12-10T12:00:00Z"));
+        assert_eq!(a.start, b.start, "the same stretch, whenever it is asked");
+        assert_eq!(
+            a.end,
+            at("2026-12-25T05:00:00Z"),
+            "ends at the override's midnight"
+        );
+        let after = s.segment_at(at("2026-12-26T12:00:00Z"));
+        assert_eq!(after.start, at("2026-12-26T05:00:00Z"));
     }
 }

@@ -60,10 +60,14 @@ pub fn plan(
         };
         let agents = rule.target_agents(None).unwrap_or_default();
         let set = rule.set.to_json();
-        let mut t = from - chrono::Duration::milliseconds(1);
+        let mut t = from - chrono::Duration::seconds(1);
         while let Some(at) = schedule.next_after(t) {
             if at >= until {
                 break;
+            }
+            if at < from {
+                t = at;
+                continue;
             }
             out.push((
                 at,
