@@ -45,6 +45,15 @@ pub fn from_ms(v: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(v).single().unwrap_or_default()
 }
 
+/// Every connection: a busy timeout, foreign keys, and fsync on every commit.
+fn connect_options(path: &Path) -> SqliteConnectOptions {
+    SqliteConnectOptions::new()
+        .filename(path)
+        .busy_timeout(Duration::from_secs(5))
+        .foreign_keys(true)
+        .synchronous(SqliteSynchronous::Full)
+}
+
 #[derive(Clone)]
 pub struct Store {
     write: SqlitePool,
@@ -271,11 +280,7 @@ impl Store {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Dir(dir.display().to_string(), e))?;
         }
-        let base = SqliteConnectOptions::new()
-            .filename(path)
-            .busy_timeout(Duration::from_secs(5))
-            .foreign_keys(true)
-            .synchronous(SqliteSynchronous::Full);
+        let base = connect_options(path);
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
@@ -297,11 +302,7 @@ impl Store {
     /// it: never creates, migrates or changes the journal mode of a file, and refuses one
     /// whose schema is not this version's.
     pub async fn open_existing(path: &Path) -> Result<Store> {
-        let base = SqliteConnectOptions::new()
-            .filename(path)
-            .busy_timeout(Duration::from_secs(5))
-            .foreign_keys(true)
-            .synchronous(SqliteSynchronous::Full);
+        let base = connect_options(path);
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(base.clone())
