@@ -17,7 +17,7 @@ RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin autopil
 
 FROM debian:bookworm-slim
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends ca-certificates curl \
+    && apt-get install -y --no-install-recommends ca-certificates \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --system --uid 10001 --home-dir /var/lib/autopilot --create-home autopilot
 COPY --from=build /src/target/release/autopilot /usr/local/bin/autopilot
@@ -29,6 +29,6 @@ ENV AUTOPILOT_SERVER__LISTEN=0.0.0.0:8080 \
     AUTOPILOT_DATABASE__PATH=/var/lib/autopilot/autopilot.db
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s \
-    CMD curl -fsS http://127.0.0.1:8080/readyz || exit 1
+    CMD ["autopilot", "healthcheck", "--config", "/etc/autopilot/autopilot.toml"]
 ENTRYPOINT ["autopilot"]
 CMD ["serve", "--config", "/etc/autopilot/autopilot.toml"]

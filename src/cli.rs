@@ -69,6 +69,11 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Exit 0 if the daemon of this config answers /readyz with 200 (for Docker's HEALTHCHECK).
+    Healthcheck {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
     /// Every PATCH the schedules would send in a time range. Reads only the config.
     Plan {
         #[arg(long, short)]
@@ -165,6 +170,7 @@ pub fn run(cli: Cli) -> ExitCode {
             Command::Demo { config, listen } => demo(config, listen).await,
             Command::Migrate { config } => migrate(&config).await,
             Command::Jobs { action } => jobs(action).await,
+            Command::Healthcheck { config } => healthcheck(&config).await,
             Command::Plan {
                 config,
                 from,
@@ -602,5 +608,31 @@ fn plan(
             fires.len()
         )?;
     }
+    Ok(())
+}
+
+/// Asks the running daemon (at the config's `server.listen`, loopback for a wildcard
+/// address) whether it is ready. Needs no secrets.
+async fn healthcheck(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load_offline(path, &env_vars())
+        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
+    let mut addr = config.server.listen;
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let url = format!("http://{addr}/readyz");
+    let reply = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(3))
+        .build()?
+        .get(&url)
+        .send()
+        .await
+        .with_context(|| format!("no answer from {url}"))?;
+    let status = reply.status();
+    let body = reply.text().await.unwrap_or_default();
+    if !status.is_success() {
+        anyhow::bail!("{url} answered {status}: {body}");
+    }
+    println!("{url}: {body}");
     Ok(())
 }

@@ -294,3 +294,40 @@ fn check_points_out_surprising_expressions() {
     );
     assert!(stdout.contains("(interval)"), "{stdout}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthcheck_asks_the_running_daemon() {
+    let t = crate::helpers::spawn().await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    // The same daemon, as a config file whose listen address is the test app's port;
+    // its secrets are not needed by healthcheck.
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"0.0.0.0:{}\"\n[platform]\nbase_url = \"http://x/v3\"\ntoken = {{ env = \"NOT_SET_FOR_HEALTHCHECK\" }}\n",
+            t.addr.port()
+        ),
+    )
+    .unwrap();
+    let out = autopilot()
+        .args(["healthcheck", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ready"));
+    drop(t);
+    let closed = dir.path().join("closed.toml");
+    std::fs::write(&closed, "[server]\nlisten = \"127.0.0.1:9\"\n[platform]\nbase_url = \"http://x/v3\"\ntoken = { value = \"x\" }\n").unwrap();
+    let out = autopilot()
+        .args(["healthcheck", "--config"])
+        .arg(&closed)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+}
