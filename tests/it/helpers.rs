@@ -261,6 +261,20 @@ impl TestApp {
             .unwrap()
     }
 
+    /// Records agent `id` as known to be active, so a `when = { status = "active" }`
+    /// rule sends its PATCH without a GET first.
+    pub async fn know_active(&self, id: i64) {
+        self.store()
+            .save_agent_state(
+                id,
+                &serde_json::json!({"status": "active"}),
+                "get",
+                chrono::Utc::now(),
+            )
+            .await
+            .unwrap();
+    }
+
     /// Waits until every job is finished (no pending or leased).
     pub async fn settle(&self) {
         eventually("queue settles", || async {

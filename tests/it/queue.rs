@@ -12,10 +12,7 @@ fn abandoned(call_id: i64, agent: i64) -> serde_json::Value {
 async fn two_500s_then_200_is_delivered_on_the_third_attempt() {
     let t = spawn().await;
     // Known state first, so the only requests are the PATCH attempts.
-    t.store()
-        .save_agent_state(101, &json!({"status": "active"}), "get", chrono::Utc::now())
-        .await
-        .unwrap();
+    t.know_active(101).await;
     t.fault(json!({"status": 500, "count": 2})).await;
     assert_eq!(
         t.post_json("convirza", &abandoned(1, 101)).await.status(),
@@ -57,10 +54,7 @@ async fn two_500s_then_200_is_delivered_on_the_third_attempt() {
 #[tokio::test]
 async fn retry_after_is_honoured() {
     let t = spawn().await;
-    t.store()
-        .save_agent_state(101, &json!({"status": "active"}), "get", chrono::Utc::now())
-        .await
-        .unwrap();
+    t.know_active(101).await;
     t.fault(json!({"status": 429, "retry_after": 1, "count": 1}))
         .await;
     assert_eq!(
@@ -103,10 +97,7 @@ async fn unknown_agent_is_dead_after_one_attempt() {
 #[tokio::test]
 async fn retries_stop_at_max_attempts() {
     let t = spawn().await;
-    t.store()
-        .save_agent_state(101, &json!({"status": "active"}), "get", chrono::Utc::now())
-        .await
-        .unwrap();
+    t.know_active(101).await;
     t.fault(json!({"status": 503, "count": 10})).await;
     assert_eq!(
         t.post_json("convirza", &abandoned(1, 101)).await.status(),
@@ -194,10 +185,7 @@ async fn a_crash_mid_send_loses_nothing() {
         ..Options::default()
     })
     .await;
-    t.store()
-        .save_agent_state(101, &json!({"status": "active"}), "get", chrono::Utc::now())
-        .await
-        .unwrap();
+    t.know_active(101).await;
     // The platform hangs on the first PATCH; the app dies while it waits.
     t.fault(json!({"delay_ms": 1500, "count": 1})).await;
     assert_eq!(
@@ -258,10 +246,7 @@ async fn a_second_app_on_the_same_database_is_refused() {
 #[tokio::test]
 async fn graceful_shutdown_then_restart_keeps_pending_jobs() {
     let mut t = spawn().await;
-    t.store()
-        .save_agent_state(101, &json!({"status": "active"}), "get", chrono::Utc::now())
-        .await
-        .unwrap();
+    t.know_active(101).await;
     t.fault(json!({"status": 503, "retry_after": 3, "count": 1}))
         .await;
     assert_eq!(
@@ -284,10 +269,7 @@ async fn graceful_shutdown_then_restart_keeps_pending_jobs() {
 #[tokio::test]
 async fn shutdown_lets_an_in_flight_patch_finish() {
     let mut t = spawn().await;
-    t.store()
-        .save_agent_state(101, &json!({"status": "active"}), "get", chrono::Utc::now())
-        .await
-        .unwrap();
+    t.know_active(101).await;
     t.fault(json!({"delay_ms": 800, "count": 1})).await;
     assert_eq!(
         t.post_json("convirza", &abandoned(1, 101)).await.status(),
@@ -314,10 +296,7 @@ async fn shutdown_grace_cuts_off_a_slow_patch_and_requeues_it() {
         ..Options::default()
     })
     .await;
-    t.store()
-        .save_agent_state(101, &json!({"status": "active"}), "get", chrono::Utc::now())
-        .await
-        .unwrap();
+    t.know_active(101).await;
     t.fault(json!({"delay_ms": 1500, "count": 1})).await;
     assert_eq!(
         t.post_json("convirza", &abandoned(1, 101)).await.status(),
