@@ -35,7 +35,7 @@ impl App {
         cancel: CancellationToken,
     ) -> anyhow::Result<App> {
         let lock = DbLock::acquire(&config.database.path).map_err(anyhow::Error::msg)?;
-        let store = Store::open(&config.database.path)
+        let store = Store::open_with(&config.database.path, config.database.busy_timeout)
             .await
             .with_context(|| format!("opening database {}", config.database.path.display()))?;
         let client = PlatformClient::new(&config.platform, store.clone(), clock.clone())
@@ -94,6 +94,12 @@ impl App {
             .await
             .context("rescuing jobs of a previous run")?;
         tasks.push(tokio::spawn(queue.clone().rescue_loop(cancel.clone())));
+        tasks.push(tokio::spawn(prune_loop(
+            store.clone(),
+            queue.clock.clone(),
+            config.database.retention,
+            cancel.clone(),
+        )));
         for i in 0..config.queue.workers {
             tasks.push(tokio::spawn(
                 queue.clone().run(format!("{owner}-w{i}"), cancel.clone()),
@@ -154,5 +160,31 @@ impl App {
         }
         self.store.close().await;
         self.lock.take();
+    }
+}
+
+/// Deletes history older than the retention at start and then hourly.
+async fn prune_loop(
+    store: Store,
+    clock: SharedClock,
+    retention: std::time::Duration,
+    cancel: CancellationToken,
+) {
+    let retention = chrono::Duration::from_std(retention).unwrap_or(chrono::Duration::MAX);
+    loop {
+        let before = clock.now() - retention;
+        match store.prune(before).await {
+            Ok(p) if p != Default::default() => {
+                info!(deliveries = p.deliveries, runs = p.runs, jobs = p.jobs, %before, "pruned history older than the retention")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "pruning old history failed; trying again in an hour")
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => break,
+            _ = clock.sleep_until(clock.now() + chrono::Duration::hours(1)) => {}
+        }
     }
 }

@@ -43,6 +43,11 @@ pub struct ServerConfig {
 #[derive(Debug, Clone)]
 pub struct DatabaseConfig {
     pub path: PathBuf,
+    /// How long a write waits for a lock held by another process before it fails (a
+    /// webhook then gets 503).
+    pub busy_timeout: Duration,
+    /// How long deliveries (the dedupe window), runs and finished jobs are kept.
+    pub retention: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -502,6 +507,20 @@ fn validate(
     if raw.database.path.get_ref().as_os_str().is_empty() {
         errs.at(&raw.database.path, "database path is empty");
     }
+    let busy_timeout = match &raw.database.busy_timeout {
+        Some(s) => duration(errs, s),
+        None => Some(Duration::from_secs(5)),
+    };
+    let retention = match &raw.database.retention {
+        Some(s) => match duration(errs, s) {
+            Some(d) if d < Duration::from_secs(3600) => {
+                errs.at(s, "retention must be at least 1h: it is also the window in which a redelivered webhook is recognised as a duplicate");
+                None
+            }
+            d => d,
+        },
+        None => Some(Duration::from_secs(30 * 24 * 3600)),
+    };
 
     // [platform]
     let p = &raw.platform;
@@ -664,6 +683,8 @@ fn validate(
         },
         database: DatabaseConfig {
             path: raw.database.path.into_inner(),
+            busy_timeout: busy_timeout?,
+            retention: retention?,
         },
         platform: PlatformConfig {
             base_url,

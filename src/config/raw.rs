@@ -62,11 +62,17 @@ fn default_listen() -> Spanned<String> {
 pub struct RawDatabase {
     #[serde(default = "default_db")]
     pub path: Spanned<PathBuf>,
+    pub busy_timeout: Option<Spanned<String>>,
+    pub retention: Option<Spanned<String>>,
 }
 
 impl Default for RawDatabase {
     fn default() -> Self {
-        Self { path: default_db() }
+        Self {
+            path: default_db(),
+            busy_timeout: None,
+            retention: None,
+        }
     }
 }
 

@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -33,6 +34,8 @@ pub enum StoreError {
     Json(#[from] serde_json::Error),
     #[error("{0}")]
     Schema(String),
+    #[error("could not commit: {0}")]
+    Commit(String),
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -45,11 +48,14 @@ pub fn from_ms(v: i64) -> DateTime<Utc> {
     Utc.timestamp_millis_opt(v).single().unwrap_or_default()
 }
 
+/// How long a write waits for another process's lock unless configured otherwise.
+pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Every connection: a busy timeout, foreign keys, and fsync on every commit.
-fn connect_options(path: &Path) -> SqliteConnectOptions {
+fn connect_options(path: &Path, busy_timeout: Duration) -> SqliteConnectOptions {
     SqliteConnectOptions::new()
         .filename(path)
-        .busy_timeout(Duration::from_secs(5))
+        .busy_timeout(busy_timeout)
         .foreign_keys(true)
         .synchronous(SqliteSynchronous::Full)
 }
@@ -58,6 +64,8 @@ fn connect_options(path: &Path) -> SqliteConnectOptions {
 pub struct Store {
     write: SqlitePool,
     read: SqlitePool,
+    /// To the group committer, which owns every delivery write.
+    ingest: mpsc::Sender<PendingDelivery>,
 }
 
 /// A rule run to record, with the jobs it causes.
@@ -152,6 +160,14 @@ pub struct NewDelivery {
 pub enum DeliveryOutcome {
     Accepted { delivery_id: i64, jobs: usize },
     Duplicate,
+}
+
+/// What one [`Store::prune`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    pub deliveries: u64,
+    pub runs: u64,
+    pub jobs: u64,
 }
 
 /// A job the worker holds a lease on.
@@ -276,11 +292,16 @@ pub struct AttemptRow {
 impl Store {
     /// Opens (creating if needed) the database and applies pending migrations.
     pub async fn open(path: &Path) -> Result<Store> {
+        Store::open_with(path, DEFAULT_BUSY_TIMEOUT).await
+    }
+
+    /// [`Store::open`] with the time a write may wait for another process's lock.
+    pub async fn open_with(path: &Path, busy_timeout: Duration) -> Result<Store> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)
                 .map_err(|e| StoreError::Dir(dir.display().to_string(), e))?;
         }
-        let base = connect_options(path);
+        let base = connect_options(path, busy_timeout);
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
@@ -295,14 +316,14 @@ impl Store {
             .max_connections(4)
             .connect_with(base.read_only(true))
             .await?;
-        Ok(Store { write, read })
+        Ok(Store::with_pools(write, read))
     }
 
     /// Opens a database an autopilot daemon already created, for tools that work beside
     /// it: never creates, migrates or changes the journal mode of a file, and refuses one
     /// whose schema is not this version's.
     pub async fn open_existing(path: &Path) -> Result<Store> {
-        let base = connect_options(path);
+        let base = connect_options(path, DEFAULT_BUSY_TIMEOUT);
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .connect_with(base.clone())
@@ -335,7 +356,17 @@ impl Store {
             .max_connections(2)
             .connect_with(base.read_only(true))
             .await?;
-        Ok(Store { write, read })
+        Ok(Store::with_pools(write, read))
+    }
+
+    fn with_pools(write: SqlitePool, read: SqlitePool) -> Store {
+        let (ingest, rx) = mpsc::channel(4 * MAX_BATCH);
+        tokio::spawn(group_commit(write.clone(), rx));
+        Store {
+            write,
+            read,
+            ingest,
+        }
     }
 
     pub async fn close(&self) {
@@ -427,81 +458,96 @@ impl Store {
 
     // ---- ingest ------------------------------------------------------------------
 
-    /// Stores a delivery and the runs and jobs it caused, in one transaction. A delivery
-    /// already stored under the same (source, dedupe key) changes nothing.
+    /// Stores a delivery and the runs and jobs it caused, atomically, and returns once
+    /// that is durable. A delivery already stored under the same (source, dedupe key)
+    /// changes nothing. Concurrent calls are committed together (group commit, see
+    /// [`group_commit`]): one transaction and one fsync for a whole batch.
     pub async fn record_delivery(
         &self,
         d: &NewDelivery,
         runs: &[NewRun],
     ) -> Result<DeliveryOutcome> {
-        let mut tx = self.begin().await?;
-        let id: Option<i64> = sqlx::query_scalar(
-            "INSERT INTO deliveries (source, dedupe_key, received_at, content_type, payload)
-             VALUES (?, ?, ?, ?, ?)
-             ON CONFLICT (source, dedupe_key) DO NOTHING
-             RETURNING id",
-        )
-        .bind(&d.source)
-        .bind(&d.dedupe_key)
-        .bind(ms(d.received_at))
-        .bind(&d.content_type)
-        .bind(d.payload.to_string())
-        .fetch_optional(&mut *tx)
-        .await?;
-        let Some(delivery_id) = id else {
-            tx.rollback().await?;
-            return Ok(DeliveryOutcome::Duplicate);
+        let (reply, answer) = oneshot::channel();
+        let pending = PendingDelivery {
+            delivery: d.clone(),
+            runs: runs.to_vec(),
+            reply,
         };
-        let mut jobs = 0;
-        for run in runs {
-            let mut run = run.clone();
-            if let Some(event_at) = d.event_at {
-                // Out of order: an event older than the newest one already applied for an
-                // agent must not overwrite newer state. Checked in this transaction.
-                let mut stale = Vec::new();
-                let mut fresh = Vec::new();
-                for job in run.jobs.drain(..) {
-                    let newest: Option<i64> = sqlx::query_scalar(
-                        "SELECT event_at FROM agent_event_times WHERE source = ? AND agent_id = ?",
-                    )
-                    .bind(&d.source)
-                    .bind(job.agent_id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                    if newest.is_some_and(|n| n > ms(event_at)) {
-                        stale.push(format!(
-                            "agent {}: stale, older than an event already applied",
-                            job.agent_id
-                        ));
-                        continue;
-                    }
-                    sqlx::query(
-                        "INSERT INTO agent_event_times (source, agent_id, event_at) VALUES (?, ?, ?)
-                         ON CONFLICT (source, agent_id) DO UPDATE SET event_at = MAX(event_at, excluded.event_at)",
-                    )
-                    .bind(&d.source)
-                    .bind(job.agent_id)
-                    .bind(ms(event_at))
-                    .execute(&mut *tx)
-                    .await?;
-                    fresh.push(job);
-                }
-                run.jobs = fresh;
-                if !stale.is_empty() {
-                    run.skipped += stale.len();
-                    let mut detail: Vec<String> = run.detail.take().into_iter().collect();
-                    detail.extend(stale);
-                    run.detail = Some(detail.join("; "));
-                }
-            }
-            if let Some((_, n)) =
-                insert_run(&mut tx, &run, Some(delivery_id), d.received_at).await?
-            {
-                jobs += n;
+        self.ingest
+            .send(pending)
+            .await
+            .map_err(|_| StoreError::Commit("the delivery writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Commit("the delivery writer has stopped".into()))?
+    }
+
+    /// Deletes what is older than `before`: finished jobs and their attempts, runs left
+    /// without jobs, and deliveries left without runs (so a redelivery after that is no
+    /// longer recognised as a duplicate). Open jobs, and the runs and deliveries behind
+    /// them, are kept however old. Works in short transactions of at most 500 rows.
+    pub async fn prune(&self, before: DateTime<Utc>) -> Result<Pruned> {
+        let cutoff = ms(before);
+        let mut pruned = Pruned::default();
+        loop {
+            // The same 500 finished jobs in both statements: one transaction, same order.
+            let mut tx = self.begin().await?;
+            sqlx::query(
+                "DELETE FROM job_attempts WHERE job_id IN (
+                    SELECT id FROM jobs WHERE status NOT IN ('pending', 'leased') AND updated_at < ?1
+                    ORDER BY id LIMIT 500)",
+            )
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await?;
+            let n = sqlx::query(
+                "DELETE FROM jobs WHERE id IN (
+                    SELECT id FROM jobs WHERE status NOT IN ('pending', 'leased') AND updated_at < ?1
+                    ORDER BY id LIMIT 500)",
+            )
+            .bind(cutoff)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            tx.commit().await?;
+            pruned.jobs += n;
+            if n == 0 {
+                break;
             }
         }
-        tx.commit().await?;
-        Ok(DeliveryOutcome::Accepted { delivery_id, jobs })
+        loop {
+            let n = sqlx::query(
+                "DELETE FROM rule_runs WHERE id IN (
+                    SELECT r.id FROM rule_runs r WHERE r.created_at < ?1
+                      AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.run_id = r.id)
+                    LIMIT 500)",
+            )
+            .bind(cutoff)
+            .execute(&self.write)
+            .await?
+            .rows_affected();
+            pruned.runs += n;
+            if n == 0 {
+                break;
+            }
+        }
+        loop {
+            let n = sqlx::query(
+                "DELETE FROM deliveries WHERE id IN (
+                    SELECT d.id FROM deliveries d WHERE d.received_at < ?1
+                      AND NOT EXISTS (SELECT 1 FROM rule_runs r WHERE r.delivery_id = d.id)
+                    LIMIT 500)",
+            )
+            .bind(cutoff)
+            .execute(&self.write)
+            .await?
+            .rows_affected();
+            pruned.deliveries += n;
+            if n == 0 {
+                break;
+            }
+        }
+        Ok(pruned)
     }
 
     pub async fn delivery_count(&self, source: &str) -> Result<i64> {
@@ -879,6 +925,153 @@ async fn upsert_state(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+/// One delivery waiting for the group committer, with where to send its outcome.
+struct PendingDelivery {
+    delivery: NewDelivery,
+    runs: Vec<NewRun>,
+    reply: oneshot::Sender<Result<DeliveryOutcome>>,
+}
+
+/// Most deliveries committed in one transaction.
+const MAX_BATCH: usize = 256;
+
+/// The group committer: takes every delivery waiting in the channel (up to
+/// [`MAX_BATCH`]), writes them in one `BEGIN IMMEDIATE` transaction, each inside its own
+/// savepoint (so one failing delivery does not take the others down), commits once, and
+/// only then answers each caller. While a batch commits, the next one gathers: the
+/// busier the endpoint, the more deliveries share an fsync. Runs until every [`Store`]
+/// clone is dropped.
+async fn group_commit(pool: SqlitePool, mut rx: mpsc::Receiver<PendingDelivery>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let outcomes = commit_batch(&pool, &batch).await;
+        for (pending, outcome) in batch.drain(..).zip(outcomes) {
+            // A caller that went away (client hung up) learns nothing; its delivery is
+            // committed and a retry by the sender is answered as a duplicate.
+            let _ = pending.reply.send(outcome);
+        }
+    }
+}
+
+/// Writes a batch in one transaction; one outcome per delivery, in order. A delivery
+/// reported accepted is committed; on any doubt the answer is an error (503), never a
+/// success for something that did not commit.
+async fn commit_batch(
+    pool: &SqlitePool,
+    batch: &[PendingDelivery],
+) -> Vec<Result<DeliveryOutcome>> {
+    let failed = |e: &dyn std::fmt::Display| {
+        (0..batch.len())
+            .map(|_| Err(StoreError::Commit(e.to_string())))
+            .collect()
+    };
+    let mut tx = match pool.begin_with("BEGIN IMMEDIATE").await {
+        Ok(tx) => tx,
+        Err(e) => return failed(&e),
+    };
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for p in batch {
+        if let Err(e) = sqlx::query("SAVEPOINT delivery").execute(&mut *tx).await {
+            return failed(&e);
+        }
+        match insert_delivery(&mut tx, &p.delivery, &p.runs).await {
+            Ok(outcome) => {
+                if let Err(e) = sqlx::query("RELEASE delivery").execute(&mut *tx).await {
+                    return failed(&e);
+                }
+                outcomes.push(Ok(outcome));
+            }
+            Err(e) => {
+                // Undo this delivery only. If even that fails, SQLite may have rolled the
+                // whole transaction back: nothing in the batch is trusted then.
+                let mut undone = sqlx::query("ROLLBACK TO delivery").execute(&mut *tx).await;
+                if undone.is_ok() {
+                    undone = sqlx::query("RELEASE delivery").execute(&mut *tx).await;
+                }
+                if let Err(undo) = undone {
+                    return failed(&format!("{e}; then {undo}"));
+                }
+                outcomes.push(Err(e));
+            }
+        }
+    }
+    if let Err(e) = tx.commit().await {
+        return failed(&e);
+    }
+    outcomes
+}
+
+/// Inserts a delivery and its runs and jobs inside the caller's transaction.
+async fn insert_delivery(
+    tx: &mut Transaction<'static, Sqlite>,
+    d: &NewDelivery,
+    runs: &[NewRun],
+) -> Result<DeliveryOutcome> {
+    let id: Option<i64> = sqlx::query_scalar(
+        "INSERT INTO deliveries (source, dedupe_key, received_at, content_type, payload)
+             VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (source, dedupe_key) DO NOTHING
+             RETURNING id",
+    )
+    .bind(&d.source)
+    .bind(&d.dedupe_key)
+    .bind(ms(d.received_at))
+    .bind(&d.content_type)
+    .bind(d.payload.to_string())
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(delivery_id) = id else {
+        return Ok(DeliveryOutcome::Duplicate);
+    };
+    let mut jobs = 0;
+    for run in runs {
+        let mut run = run.clone();
+        if let Some(event_at) = d.event_at {
+            // Out of order: an event older than the newest one already applied for an
+            // agent must not overwrite newer state. Checked in this transaction.
+            let mut stale = Vec::new();
+            let mut fresh = Vec::new();
+            for job in run.jobs.drain(..) {
+                let newest: Option<i64> = sqlx::query_scalar(
+                    "SELECT event_at FROM agent_event_times WHERE source = ? AND agent_id = ?",
+                )
+                .bind(&d.source)
+                .bind(job.agent_id)
+                .fetch_optional(&mut **tx)
+                .await?;
+                if newest.is_some_and(|n| n > ms(event_at)) {
+                    stale.push(format!(
+                        "agent {}: stale, older than an event already applied",
+                        job.agent_id
+                    ));
+                    continue;
+                }
+                sqlx::query(
+                        "INSERT INTO agent_event_times (source, agent_id, event_at) VALUES (?, ?, ?)
+                         ON CONFLICT (source, agent_id) DO UPDATE SET event_at = MAX(event_at, excluded.event_at)",
+                    )
+                    .bind(&d.source)
+                    .bind(job.agent_id)
+                    .bind(ms(event_at))
+                    .execute(&mut **tx)
+                    .await?;
+                fresh.push(job);
+            }
+            run.jobs = fresh;
+            if !stale.is_empty() {
+                run.skipped += stale.len();
+                let mut detail: Vec<String> = run.detail.take().into_iter().collect();
+                detail.extend(stale);
+                run.detail = Some(detail.join("; "));
+            }
+        }
+        if let Some((_, n)) = insert_run(tx, &run, Some(delivery_id), d.received_at).await? {
+            jobs += n;
+        }
+    }
+    Ok(DeliveryOutcome::Accepted { delivery_id, jobs })
 }
 
 /// Inserts a run and its jobs. `None` when the run's cause already fired this rule.

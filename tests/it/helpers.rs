@@ -90,6 +90,8 @@ pub struct Options {
     pub token: String,
     /// Point oauth_url at the simulator.
     pub oauth: bool,
+    /// Extra keys for the [database] table.
+    pub database_extra: String,
 }
 
 impl Default for Options {
@@ -102,6 +104,7 @@ impl Default for Options {
             platform_extra: String::new(),
             token: "{ value = \"sim-token\" }".into(),
             oauth: false,
+            database_extra: String::new(),
         }
     }
 }
@@ -118,8 +121,9 @@ pub async fn spawn_with(opts: Options) -> TestApp {
     let sim_cancel = CancellationToken::new();
     tokio::spawn(sim.serve(listener, sim_cancel.clone()));
     let config_text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[database]\npath = {:?}\n[platform]\nbase_url = \"http://{sim_addr}/v3\"\ntoken = {}\ntimeout = \"2s\"\n{}{}[queue]\n{}\n{}",
+        "[server]\nlisten = \"127.0.0.1:0\"\n[database]\npath = {:?}\n{}[platform]\nbase_url = \"http://{sim_addr}/v3\"\ntoken = {}\ntimeout = \"2s\"\n{}{}[queue]\n{}\n{}",
         dir.path().join("test.db").display().to_string(),
+        opts.database_extra,
         opts.token,
         if opts.oauth { format!("oauth_url = \"http://{sim_addr}\"\n") } else { String::new() },
         opts.platform_extra,

@@ -6,6 +6,7 @@ mod helpers;
 mod cli;
 mod crash;
 mod faults;
+mod ingest;
 mod oauth;
 mod queue;
 mod redaction;
