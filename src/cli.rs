@@ -240,9 +240,40 @@ async fn serve(path: &Path) -> anyhow::Result<()> {
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());
     let clock: SharedClock = Arc::new(SystemClock);
-    let app = App::start(config, clock, cancel).await?;
+    let mut app = App::start(config, clock, cancel.clone()).await?;
+    app.watch_config(path.to_path_buf(), env_vars());
+    reload_on_sighup(&app, cancel);
     app.wait().await;
     Ok(())
+}
+
+/// SIGHUP asks the config watcher for a reload.
+fn reload_on_sighup(app: &App, cancel: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let hup = app.reload_trigger();
+        match signal(SignalKind::hangup()) {
+            Ok(mut s) => {
+                tokio::spawn(async move {
+                    loop {
+                        tokio::select! {
+                            _ = cancel.cancelled() => break,
+                            got = s.recv() => match got {
+                                Some(()) => hup.notify_one(),
+                                None => break,
+                            },
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot handle SIGHUP; the config directory is still watched")
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (app, cancel);
 }
 
 fn check(path: &Path) -> anyhow::Result<()> {

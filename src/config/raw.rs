@@ -18,6 +18,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub queue: RawQueue,
     #[serde(default)]
+    pub admin: RawAdmin,
+    #[serde(default)]
     pub sources: Vec<Spanned<RawSource>>,
     #[serde(default)]
     pub rules: Vec<Spanned<RawRule>>,
@@ -55,6 +57,27 @@ impl Default for RawServer {
 
 fn default_listen() -> Spanned<String> {
     Spanned::new(0..0, "127.0.0.1:8080".to_string())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    #[serde(default = "default_admin_listen")]
+    pub listen: Spanned<String>,
+    pub token: Option<Spanned<RawSecret>>,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+            token: None,
+        }
+    }
+}
+
+fn default_admin_listen() -> Spanned<String> {
+    Spanned::new(0..0, "127.0.0.1:8081".to_string())
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,6 +167,7 @@ pub struct RawQueue {
     pub max_retry_after: Option<Spanned<String>>,
     pub max_age: Option<Spanned<String>>,
     pub shutdown_grace: Option<Spanned<String>>,
+    pub ready_max_due_age: Option<Spanned<String>>,
 }
 
 /// `{ env = "NAME" }`, `{ file = "/path" }` or `{ value = "..." }`. Anything else is

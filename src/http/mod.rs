@@ -1,9 +1,10 @@
 //! The HTTP face: webhook ingest and health.
 
+pub mod admin;
 mod auth;
 
 use crate::clock::SharedClock;
-use crate::config::{Config, IdSpec};
+use crate::config::IdSpec;
 use crate::rules::{self, Decision};
 use crate::store::{DeliveryOutcome, NewDelivery, NewRun, Store};
 use axum::body::Bytes;
@@ -23,13 +24,15 @@ pub use auth::Verdict;
 
 #[derive(Clone)]
 pub struct AppState {
-    /// Token buckets of the sources that have a `rate_limit`.
-    pub limits: Arc<HashMap<String, std::sync::Mutex<Bucket>>>,
-    pub config: Arc<Config>,
+    /// Token buckets of the sources that have a `rate_limit`, made on first use and
+    /// replaced when a reload changes the limit.
+    pub limits: Arc<std::sync::Mutex<HashMap<String, Bucket>>>,
+    pub live: Arc<crate::reload::LiveConfig>,
     pub store: Store,
     pub clock: SharedClock,
     /// Wakes the queue workers after jobs are committed.
     pub queue_notify: Arc<Notify>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// A token bucket: `burst` tokens, refilled at `per_second`.
@@ -67,27 +70,33 @@ impl Bucket {
 }
 
 /// The buckets for a config's sources.
-pub fn buckets(config: &Config) -> HashMap<String, std::sync::Mutex<Bucket>> {
-    config
-        .sources
-        .iter()
-        .filter_map(|s| {
-            Some((
-                s.name.clone(),
-                std::sync::Mutex::new(Bucket::new(s.rate_limit?)),
-            ))
-        })
-        .collect()
+/// Takes a token from the source's bucket (after a reload changed its limit, from a new
+/// bucket). `Err` says how long until one is there.
+fn take_token(
+    limits: &std::sync::Mutex<HashMap<String, Bucket>>,
+    source: &str,
+    limit: crate::config::RateLimit,
+) -> Result<(), std::time::Duration> {
+    let mut all = limits.lock().unwrap_or_else(|e| e.into_inner());
+    let bucket = all
+        .entry(source.to_string())
+        .or_insert_with(|| Bucket::new(limit));
+    if bucket.limit != limit {
+        *bucket = Bucket::new(limit);
+    }
+    bucket.take()
 }
 
 pub fn router(state: AppState) -> Router {
-    let limit = state.config.server.max_body_bytes;
-    let timeout = state.config.server.request_timeout;
+    let config = state.live.current();
+    let limit = config.server.max_body_bytes;
+    let timeout = config.server.request_timeout;
     Router::new()
         .route("/webhooks/{source}", post(ingest))
         .route("/webhooks/{source}/{token}", post(ingest))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed here")
@@ -129,17 +138,143 @@ impl IntoResponse for ApiError {
 }
 
 async fn readyz(State(st): State<AppState>) -> Response {
-    match st.store.ping().await {
-        Ok(()) => Json(json!({"status": "ready"})).into_response(),
+    let (ready, body) = readiness(&st).await;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(body)).into_response()
+}
+
+/// Is the daemon doing its job? Each check names what is wrong; a failed config reload
+/// is a warning (the previous config keeps running), not a reason to take the daemon
+/// out of service.
+pub async fn readiness(st: &AppState) -> (bool, Value) {
+    let now = st.clock.now();
+    let config = st.live.current();
+    let mut problems = Vec::new();
+    let mut warnings = Vec::new();
+    let mut checks = Map::new();
+
+    let database = match st.store.check_writable().await {
+        Ok(()) => "ok".to_string(),
         Err(e) => {
-            error!(error = %e, "readiness: database not usable");
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                Json(json!({"status": "not ready", "problems": ["database is not usable"]})),
-            )
-                .into_response()
+            error!(error = %e, "readiness: the database is not writable");
+            problems.push("database is not writable".to_string());
+            "not writable".to_string()
+        }
+    };
+    checks.insert("database".into(), json!(database));
+
+    let tick = st
+        .metrics
+        .value("autopilot_scheduler_last_tick_timestamp_seconds", &[]) as i64;
+    let since_tick = now.timestamp() - tick;
+    if since_tick > SCHEDULER_STALL.as_secs() as i64 {
+        problems.push(format!(
+            "scheduler has not ticked for {since_tick}s (limit {}s)",
+            SCHEDULER_STALL.as_secs()
+        ));
+    }
+    checks.insert("scheduler_last_tick_seconds_ago".into(), json!(since_tick));
+
+    match st.store.job_gauges(now).await {
+        Ok((_, oldest)) => {
+            let age = oldest.map_or(0, |t| (now - t).num_seconds().max(0));
+            let limit = config.queue.ready_max_due_age.as_secs() as i64;
+            if age > limit {
+                problems.push(format!(
+                    "a due job has waited {age}s to be sent (limit {limit}s, [queue] ready_max_due_age)"
+                ));
+            }
+            checks.insert("oldest_due_job_seconds".into(), json!(age));
+        }
+        Err(e) => {
+            error!(error = %e, "readiness: cannot read the queue");
+            problems.push("cannot read the queue".to_string());
         }
     }
+
+    let reload = st.live.status();
+    if let Some(e) = &reload.last_error {
+        warnings.push(format!(
+            "the last config reload failed; the configuration loaded at {} keeps running: {e}",
+            reload.loaded_at
+        ));
+    }
+    checks.insert(
+        "config".into(),
+        json!({"loaded_at": reload.loaded_at, "reloads": reload.reloads, "last_reload_error": reload.last_error}),
+    );
+
+    let ready = problems.is_empty();
+    (
+        ready,
+        json!({
+            "status": if ready { "ready" } else { "not ready" },
+            "problems": problems,
+            "warnings": warnings,
+            "checks": checks,
+        }),
+    )
+}
+
+/// `/readyz` fails when the scheduler has not woken for this long (it wakes at least
+/// once a minute).
+pub const SCHEDULER_STALL: std::time::Duration = std::time::Duration::from_secs(120);
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    let now = st.clock.now();
+    let mut gauges: Vec<crate::metrics::Gauge> = Vec::new();
+    match st.store.job_gauges(now).await {
+        Ok((counts, oldest)) => {
+            for state in [
+                "pending",
+                "leased",
+                "done",
+                "dead",
+                "expired",
+                "skipped",
+                "discarded",
+            ] {
+                let n = counts
+                    .iter()
+                    .find(|(s, _)| s == state)
+                    .map_or(0, |(_, n)| *n);
+                gauges.push((
+                    "autopilot_jobs",
+                    vec![("state", state.to_string())],
+                    n as f64,
+                ));
+                if state == "dead" {
+                    gauges.push(("autopilot_dead_letters", vec![], n as f64));
+                }
+            }
+            let age = oldest.map_or(0.0, |t| (now - t).num_milliseconds().max(0) as f64 / 1000.0);
+            gauges.push(("autopilot_oldest_due_job_age_seconds", vec![], age));
+        }
+        Err(e) => {
+            error!(error = %e, "metrics: cannot read the queue");
+            return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cannot read the database")
+                .into_response();
+        }
+    }
+    let (commits, committed) = st.store.ingest_stats();
+    gauges.push(("autopilot_ingest_commits_total", vec![], commits as f64));
+    gauges.push((
+        "autopilot_ingest_committed_deliveries_total",
+        vec![],
+        committed as f64,
+    ));
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        st.metrics.render(&gauges),
+    )
+        .into_response()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -207,8 +342,62 @@ fn unauthorized(source: &str, why: &str) -> ApiError {
     ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized")
 }
 
+/// The webhook endpoint: [`ingest_one`], counted in the metrics by its answer.
 async fn ingest(
     State(st): State<AppState>,
+    segments: Result<Path<Vec<String>>, axum::extract::rejection::PathRejection>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Response {
+    // Only configured names become label values: a flood of made-up source names must
+    // not grow the metrics without bound.
+    let source = match &segments {
+        Ok(Path(s)) => s
+            .first()
+            .filter(|n| st.live.current().source(n).is_some())
+            .cloned()
+            .unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    let metrics = st.metrics.clone();
+    let resp = ingest_one(st, segments, uri, headers, body)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    let status = resp.status();
+    let reason = match status.as_u16() {
+        202 => {
+            metrics.inc(
+                "autopilot_deliveries_received_total",
+                &[("source", &source)],
+            );
+            return resp;
+        }
+        200 => {
+            metrics.inc(
+                "autopilot_deliveries_duplicate_total",
+                &[("source", &source)],
+            );
+            return resp;
+        }
+        401 => "unauthorized",
+        404 => "unknown_source",
+        413 => "too_large",
+        415 => "unsupported_type",
+        429 => "rate_limited",
+        503 => "storage_unavailable",
+        400 => "bad_body",
+        _ => "other",
+    };
+    metrics.inc(
+        "autopilot_deliveries_rejected_total",
+        &[("source", &source), ("reason", reason)],
+    );
+    resp
+}
+
+async fn ingest_one(
+    st: AppState,
     segments: Result<Path<Vec<String>>, axum::extract::rejection::PathRejection>,
     uri: Uri,
     headers: HeaderMap,
@@ -229,7 +418,9 @@ async fn ingest(
         }
     };
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    let Some(source) = st.config.source(&source_name) else {
+    // One configuration for the whole request, even if a reload swaps it meanwhile.
+    let config = st.live.current();
+    let Some(source) = config.source(&source_name) else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "unknown webhook source",
@@ -270,9 +461,8 @@ async fn ingest(
         }
     }
     // Counted after authentication, so forged floods cannot spend a sender's budget.
-    if let Some(bucket) = st.limits.get(&source.name) {
-        let taken = bucket.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Err(wait) = taken {
+    if let Some(limit) = source.rate_limit {
+        if let Err(wait) = take_token(&st.limits, &source.name, limit) {
             let mut resp = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate limit exceeded; retry later",
@@ -304,8 +494,7 @@ async fn ingest(
     let now = st.clock.now();
 
     // Evaluate every rule of this source against what we know of its agents.
-    let rules: Vec<_> = st
-        .config
+    let rules: Vec<_> = config
         .rules
         .iter()
         .filter(|r| r.is_webhook_for(&source.name))
@@ -325,13 +514,9 @@ async fn ingest(
         .filter_map(
             |r| match rules::evaluate_delivery(r, &source.name, &payload, &known) {
                 Decision::NotMatched => None,
-                Decision::Matched(outcomes) => Some(NewRun::from_outcomes(
-                    r,
-                    outcomes,
-                    now,
-                    None,
-                    &st.config.rules,
-                )),
+                Decision::Matched(outcomes) => {
+                    Some(NewRun::from_outcomes(r, outcomes, now, None, &config.rules))
+                }
             },
         )
         .collect();
@@ -366,6 +551,19 @@ async fn ingest(
     {
         DeliveryOutcome::Accepted { delivery_id, jobs } => {
             info!(source = %source.name, delivery_id, runs = runs.len(), jobs, "webhook accepted");
+            for run in &runs {
+                st.metrics.inc(
+                    "autopilot_rule_fires_total",
+                    &[("rule", &run.rule), ("trigger", "webhook")],
+                );
+                if run.skipped > 0 {
+                    st.metrics.add(
+                        "autopilot_rule_skips_total",
+                        &[("rule", &run.rule), ("reason", "condition")],
+                        run.skipped as f64,
+                    );
+                }
+            }
             if jobs > 0 {
                 st.queue_notify.notify_waiters();
             }

@@ -74,6 +74,7 @@ pub struct PlatformClient {
     base_url: String,
     token: TokenProvider,
     limits: Arc<Limits>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Requests per second and requests in flight toward the platform, across all workers.
@@ -102,7 +103,12 @@ impl Limits {
 }
 
 impl PlatformClient {
-    pub fn new(cfg: &PlatformConfig, store: Store, clock: SharedClock) -> anyhow::Result<Self> {
+    pub fn new(
+        cfg: &PlatformConfig,
+        store: Store,
+        clock: SharedClock,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> anyhow::Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(cfg.timeout)
             .connect_timeout(cfg.timeout.min(Duration::from_secs(10)))
@@ -110,7 +116,9 @@ impl PlatformClient {
             .build()?;
         let token = match &cfg.token {
             TokenSource::Static(s) => TokenProvider::fixed(s.clone()),
-            TokenSource::File(path, s) => TokenProvider::file(path.clone(), s.clone()),
+            TokenSource::File(path, s) => {
+                TokenProvider::file(path.clone(), s.clone(), metrics.clone())
+            }
             TokenSource::Login { email, password } => TokenProvider::oauth(
                 token::OAuthSettings {
                     url: cfg.oauth_url.clone(),
@@ -120,6 +128,7 @@ impl PlatformClient {
                 http.clone(),
                 store,
                 clock,
+                metrics.clone(),
             ),
         };
         Ok(Self {
@@ -133,6 +142,7 @@ impl PlatformClient {
                 next_slot: Mutex::new(tokio::time::Instant::now()),
                 in_flight: cfg.max_in_flight.map(Semaphore::new),
             }),
+            metrics,
         })
     }
 
@@ -185,23 +195,37 @@ impl PlatformClient {
         files: &[(String, Vec<u8>)],
     ) -> Result<Reply, PlatformError> {
         let url = self.agent_url(id);
-        self.send_authed(|t| {
-            let mut form = reqwest::multipart::Form::new();
-            for (k, v) in fields {
-                form = form.text(k.clone(), v.clone());
-            }
-            for (name, content) in files {
-                form = form.part(
-                    "files",
-                    reqwest::multipart::Part::bytes(content.clone()).file_name(name.clone()),
-                );
-            }
-            self.http
-                .patch(&url)
-                .header(AUTHORIZATION, format!("Bearer {}", t.expose_secret()))
-                .multipart(form)
-        })
-        .await
+        let started = std::time::Instant::now();
+        let sent = self
+            .send_authed(|t| {
+                let mut form = reqwest::multipart::Form::new();
+                for (k, v) in fields {
+                    form = form.text(k.clone(), v.clone());
+                }
+                for (name, content) in files {
+                    form = form.part(
+                        "files",
+                        reqwest::multipart::Part::bytes(content.clone()).file_name(name.clone()),
+                    );
+                }
+                self.http
+                    .patch(&url)
+                    .header(AUTHORIZATION, format!("Bearer {}", t.expose_secret()))
+                    .multipart(form)
+            })
+            .await;
+        let class = match &sent {
+            Ok(r) => crate::metrics::status_class(Some(r.status), false),
+            Err(e) => crate::metrics::status_class(e.status, e.kind == ErrorKind::Timeout),
+        };
+        self.metrics
+            .inc("autopilot_patch_attempts_total", &[("class", class)]);
+        self.metrics.observe(
+            "autopilot_patch_duration_seconds",
+            &[],
+            started.elapsed().as_secs_f64(),
+        );
+        sent
     }
 }
 

@@ -7,6 +7,7 @@
 //! once a minute.
 
 use crate::clock::SharedClock;
+use crate::metrics::Metrics;
 use crate::store::{Store, StoredTokens};
 use chrono::{DateTime, Utc};
 use secrecy::{ExposeSecret, SecretString};
@@ -33,6 +34,7 @@ enum Kind {
     File {
         path: PathBuf,
         current: RwLock<SecretString>,
+        metrics: Arc<Metrics>,
     },
     OAuth(OAuth),
 }
@@ -49,6 +51,7 @@ struct OAuth {
     store: Store,
     clock: SharedClock,
     state: tokio::sync::Mutex<OAuthState>,
+    metrics: Arc<Metrics>,
 }
 
 #[derive(Default)]
@@ -65,11 +68,12 @@ impl TokenProvider {
         }
     }
 
-    pub fn file(path: PathBuf, first: SecretString) -> Self {
+    pub fn file(path: PathBuf, first: SecretString, metrics: Arc<Metrics>) -> Self {
         Self {
             kind: Arc::new(Kind::File {
                 path,
                 current: RwLock::new(first),
+                metrics,
             }),
         }
     }
@@ -79,6 +83,7 @@ impl TokenProvider {
         http: reqwest::Client,
         store: Store,
         clock: SharedClock,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             kind: Arc::new(Kind::OAuth(OAuth {
@@ -87,6 +92,7 @@ impl TokenProvider {
                 store,
                 clock,
                 state: tokio::sync::Mutex::new(OAuthState::default()),
+                metrics,
             })),
         }
     }
@@ -108,7 +114,11 @@ impl TokenProvider {
     pub async fn after_unauthorized(&self, used: &SecretString) -> Result<bool, PlatformError> {
         Ok(match &*self.kind {
             Kind::Static(_) => false,
-            Kind::File { path, current } => {
+            Kind::File {
+                path,
+                current,
+                metrics,
+            } => {
                 let Ok(text) = std::fs::read_to_string(path) else {
                     return Ok(false);
                 };
@@ -118,6 +128,10 @@ impl TokenProvider {
                     cur.expose_secret() != used.expose_secret()
                 } else {
                     info!(path = %path.display(), "token file changed; using the new token");
+                    metrics.inc(
+                        "autopilot_token_refreshes_total",
+                        &[("kind", "file"), ("result", "ok")],
+                    );
                     *cur = SecretString::from(fresh);
                     true
                 }
@@ -159,6 +173,13 @@ impl OAuth {
         }
     }
 
+    fn count(&self, kind: &str, result: &str) {
+        self.metrics.inc(
+            "autopilot_token_refreshes_total",
+            &[("kind", kind), ("result", result)],
+        );
+    }
+
     async fn load(&self, st: &mut OAuthState) {
         if st.loaded {
             return;
@@ -178,9 +199,13 @@ impl OAuth {
             match self.call("/oauth/refresh-token", &body).await {
                 Ok(pair) => {
                     info!(expires_at = %pair.expires_at, "platform token refreshed");
+                    self.count("refresh", "ok");
                     return self.adopt(st, pair).await;
                 }
-                Err(e) => warn!(error = %e, "token refresh failed; logging in again"),
+                Err(e) => {
+                    warn!(error = %e, "token refresh failed; logging in again");
+                    self.count("refresh", "failed");
+                }
             }
         }
         if let Some(last) = st.last_login {
@@ -204,10 +229,12 @@ impl OAuth {
             "password": self.settings.password.expose_secret(),
         });
         let pair = self.call("/oauth/token", &body).await.map_err(|mut e| {
+            self.count("login", "failed");
             e.kind = ErrorKind::Status(format!("login to the platform failed: {}", e.kind));
             e
         })?;
         info!(expires_at = %pair.expires_at, "logged in to the platform");
+        self.count("login", "ok");
         self.adopt(st, pair).await
     }
 

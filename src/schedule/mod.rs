@@ -4,7 +4,6 @@
 //! a missed fire inside the rule's `catch_up` window still runs, once.
 
 use crate::clock::SharedClock;
-use crate::config::Config;
 use crate::rules::shift::Shift;
 use crate::rules::{self, Decision, Rule};
 use crate::store::{NewRun, Store};
@@ -88,10 +87,11 @@ pub fn plan(
 }
 
 pub struct Scheduler {
-    pub config: Arc<Config>,
+    pub live: Arc<crate::reload::LiveConfig>,
     pub store: Store,
     pub clock: SharedClock,
     pub queue_notify: Arc<Notify>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// What to do about the fires of one rule that are due now.
@@ -141,7 +141,7 @@ impl Scheduler {
     ) -> Result<HashMap<String, DateTime<Utc>>, crate::store::StoreError> {
         let now = self.clock.now();
         let mut next = HashMap::new();
-        for rule in &self.config.rules {
+        for rule in &self.live.current().rules {
             let Some(schedule) = rule.schedule() else {
                 continue;
             };
@@ -168,6 +168,7 @@ impl Scheduler {
         &self,
         shift: &Shift,
         now: DateTime<Utc>,
+        changed_at: Option<DateTime<Utc>>,
     ) -> Result<DateTime<Utc>, crate::store::StoreError> {
         let seg = shift.segment_at(now);
         let Some(set) = &seg.set else {
@@ -204,10 +205,13 @@ impl Scheduler {
                 in_place.join(",")
             ));
         }
+        if changed_at.is_some() {
+            detail.push_str("; the shift changed in a config reload");
+        }
         let run = NewRun {
             rule: format!("shift:{}", shift.name),
             trigger: "shift",
-            scheduled_for: Some(seg.start),
+            scheduled_for: Some(changed_at.unwrap_or(seg.start).max(seg.start)),
             happened_at: seg.start,
             detail: Some(detail),
             skipped: in_place.len(),
@@ -215,6 +219,17 @@ impl Scheduler {
         };
         if let Some(run_id) = self.store.record_fire(&run, now).await? {
             info!(shift = %shift.name, run_id, segment = %seg.label, jobs = run.jobs.len(), "shift applied");
+            self.metrics.inc(
+                "autopilot_rule_fires_total",
+                &[("rule", &run.rule), ("trigger", "shift")],
+            );
+            if run.skipped > 0 {
+                self.metrics.add(
+                    "autopilot_rule_skips_total",
+                    &[("rule", &run.rule), ("reason", "in_place")],
+                    run.skipped as f64,
+                );
+            }
             if !run.jobs.is_empty() {
                 self.queue_notify.notify_waiters();
             }
@@ -226,9 +241,19 @@ impl Scheduler {
         // Shifts are level-triggered: apply what should hold now (after any downtime),
         // then again at every boundary.
         let mut shift_next: HashMap<String, DateTime<Utc>> = HashMap::new();
+        // Shifts a reload changed: applied again now, keyed by the reload instant, so
+        // the new definition is sent even inside a stretch that was already applied.
+        let mut shift_changed: HashMap<String, DateTime<Utc>> = HashMap::new();
+        let mut reloads = self.live.subscribe();
+        let mut config = self.live.current();
         loop {
             let now = self.clock.now();
-            for rule in &self.config.rules {
+            self.metrics.set(
+                "autopilot_scheduler_last_tick_timestamp_seconds",
+                &[],
+                now.timestamp() as f64,
+            );
+            for rule in &config.rules {
                 let Some(first) = next.get(&rule.name).copied() else {
                     continue;
                 };
@@ -238,7 +263,7 @@ impl Scheduler {
                 let at = match &due {
                     Due::Fire { at, .. } | Due::TooLate { at, .. } => *at,
                 };
-                match self.fire(rule, &due, now).await {
+                match self.fire(rule, &due, now, &config.rules).await {
                     Ok(()) => {
                         if let Some(n) = rule.schedule().and_then(|s| s.next_after(at)) {
                             next.insert(rule.name.clone(), n);
@@ -251,13 +276,15 @@ impl Scheduler {
                     }
                 }
             }
-            for shift in &self.config.shifts {
-                if shift_next.get(&shift.name).is_some_and(|t| *t > now) {
+            for shift in &config.shifts {
+                let changed_at = shift_changed.get(&shift.name).copied();
+                if changed_at.is_none() && shift_next.get(&shift.name).is_some_and(|t| *t > now) {
                     continue;
                 }
-                match self.apply_shift(shift, now).await {
+                match self.apply_shift(shift, now, changed_at).await {
                     Ok(end) => {
                         shift_next.insert(shift.name.clone(), end);
+                        shift_changed.remove(&shift.name);
                     }
                     Err(e) => {
                         error!(shift = %shift.name, error = %e, "could not apply a shift; will retry")
@@ -273,6 +300,24 @@ impl Scheduler {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = self.clock.sleep_until(wake) => {}
+                Ok(()) = reloads.changed() => {
+                    let old = config;
+                    config = reloads.borrow_and_update().clone();
+                    // Each rule resumes from its stored last fire, exactly as at a
+                    // restart: an unchanged rule keeps its next instant and an instant
+                    // already fired (unique per rule and instant) never fires again.
+                    match self.first_fires().await {
+                        Ok(n) => next = n,
+                        Err(e) => error!(error = %e, "could not read the rules' last fires after a reload; keeping the old plan"),
+                    }
+                    shift_next.retain(|name, _| config.shifts.iter().any(|s| &s.name == name));
+                    for shift in &config.shifts {
+                        let same = old.shifts.iter().any(|o| format!("{o:?}") == format!("{shift:?}"));
+                        if !same {
+                            shift_changed.insert(shift.name.clone(), self.clock.now());
+                        }
+                    }
+                }
             }
         }
         info!("scheduler stopped");
@@ -283,19 +328,20 @@ impl Scheduler {
         rule: &Rule,
         due: &Due,
         now: DateTime<Utc>,
+        all_rules: &[Rule],
     ) -> Result<(), crate::store::StoreError> {
         let (at, missed, late) = match due {
             Due::Fire { at, missed } => (*at, *missed, false),
             Due::TooLate { at, missed } => (*at, *missed, true),
         };
         let mut run = if late {
-            NewRun::from_outcomes(rule, Vec::new(), at, Some(at), &self.config.rules)
+            NewRun::from_outcomes(rule, Vec::new(), at, Some(at), all_rules)
         } else {
             let agents = rule.target_agents(None).unwrap_or_default();
             let known = self.store.agent_states(&agents).await?;
             match rules::evaluate_fire(rule, &known) {
                 Decision::Matched(outcomes) => {
-                    NewRun::from_outcomes(rule, outcomes, at, Some(at), &self.config.rules)
+                    NewRun::from_outcomes(rule, outcomes, at, Some(at), all_rules)
                 }
                 Decision::NotMatched => return Ok(()),
             }
@@ -320,6 +366,29 @@ impl Scheduler {
         run.detail = (!notes.is_empty()).then(|| notes.join("; "));
         match self.store.record_fire(&run, now).await? {
             Some(run_id) => {
+                let m = &self.metrics;
+                let name = rule.name.as_str();
+                if late {
+                    m.inc(
+                        "autopilot_rule_skips_total",
+                        &[("rule", name), ("reason", "missed")],
+                    );
+                } else {
+                    m.inc(
+                        "autopilot_rule_fires_total",
+                        &[("rule", name), ("trigger", "schedule")],
+                    );
+                    if now - at > chrono::Duration::seconds(60) {
+                        m.inc("autopilot_rule_catchups_total", &[("rule", name)]);
+                    }
+                    if run.skipped > 0 {
+                        m.add(
+                            "autopilot_rule_skips_total",
+                            &[("rule", name), ("reason", "condition")],
+                            run.skipped as f64,
+                        );
+                    }
+                }
                 if late {
                     warn!(rule = %rule.name, run_id, scheduled_for = %at, "scheduled fire missed and skipped");
                 } else {

@@ -17,6 +17,8 @@ use sqlx::{Row, Sqlite, Transaction};
 use std::collections::HashMap;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
@@ -66,6 +68,14 @@ pub struct Store {
     read: SqlitePool,
     /// To the group committer, which owns every delivery write.
     ingest: mpsc::Sender<PendingDelivery>,
+    /// Transactions the group committer made, and deliveries they held.
+    ingest_stats: Arc<IngestStats>,
+}
+
+#[derive(Debug, Default)]
+pub struct IngestStats {
+    pub commits: AtomicU64,
+    pub deliveries: AtomicU64,
 }
 
 /// A rule run to record, with the jobs it causes.
@@ -160,6 +170,16 @@ pub struct NewDelivery {
 pub enum DeliveryOutcome {
     Accepted { delivery_id: i64, jobs: usize },
     Duplicate,
+}
+
+/// Which runs [`Store::find_runs`] returns.
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    pub rule: Option<String>,
+    pub agent: Option<i64>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+    pub limit: i64,
 }
 
 /// What one [`Store::prune`] deleted.
@@ -361,12 +381,43 @@ impl Store {
 
     fn with_pools(write: SqlitePool, read: SqlitePool) -> Store {
         let (ingest, rx) = mpsc::channel(4 * MAX_BATCH);
-        tokio::spawn(group_commit(write.clone(), rx));
+        let ingest_stats = Arc::new(IngestStats::default());
+        tokio::spawn(group_commit(write.clone(), rx, ingest_stats.clone()));
         Store {
             write,
             read,
             ingest,
+            ingest_stats,
         }
+    }
+
+    /// (transactions, deliveries) the group committer has committed.
+    pub fn ingest_stats(&self) -> (u64, u64) {
+        (
+            self.ingest_stats.commits.load(Ordering::Relaxed),
+            self.ingest_stats.deliveries.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Jobs per state, and when the oldest due pending job became due.
+    pub async fn job_gauges(
+        &self,
+        now: DateTime<Utc>,
+    ) -> Result<(Vec<(String, i64)>, Option<DateTime<Utc>>)> {
+        let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
+            .fetch_all(&self.read)
+            .await?;
+        let counts = rows
+            .iter()
+            .map(|r| (r.get::<String, _>("status"), r.get::<i64, _>("n")))
+            .collect();
+        let oldest: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(next_attempt_at) FROM jobs WHERE status = 'pending' AND next_attempt_at <= ?",
+        )
+        .bind(ms(now))
+        .fetch_one(&self.read)
+        .await?;
+        Ok((counts, oldest.map(from_ms)))
     }
 
     pub async fn close(&self) {
@@ -378,7 +429,14 @@ impl Store {
         Ok(self.write.begin_with("BEGIN IMMEDIATE").await?)
     }
 
-    /// Is the database writable right now?
+    /// Can we take the write lock right now? (Opens and rolls back a write transaction.)
+    pub async fn check_writable(&self) -> Result<()> {
+        let tx = self.begin().await?;
+        tx.rollback().await?;
+        Ok(())
+    }
+
+    /// Does the database answer?
     pub async fn ping(&self) -> Result<()> {
         sqlx::query("SELECT 1").execute(&self.write).await?;
         Ok(())
@@ -843,26 +901,99 @@ impl Store {
         .bind(agent)
         .fetch_all(&self.read)
         .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(JobRow {
-                    id: r.get("id"),
-                    run_id: r.get("run_id"),
-                    rule: r.get("rule"),
-                    agent_id: r.get("agent_id"),
-                    fields: serde_json::from_str(r.get::<&str, _>("fields"))?,
-                    status: r.get("status"),
-                    attempts: r.get("attempts"),
-                    next_attempt_at: from_ms(r.get("next_attempt_at")),
-                    valid_until: r.get::<Option<i64>, _>("valid_until").map(from_ms),
-                    last_status: r.get("last_status"),
-                    last_error: r.get("last_error"),
-                    request_id: r.get("request_id"),
-                    created_at: from_ms(r.get("created_at")),
-                    updated_at: from_ms(r.get("updated_at")),
-                })
-            })
-            .collect()
+        rows.iter().map(job_row).collect()
+    }
+
+    /// Jobs newest first, filtered by state and agent, at most `limit`.
+    pub async fn find_jobs(
+        &self,
+        status: Option<&str>,
+        agent: Option<i64>,
+        limit: i64,
+    ) -> Result<Vec<JobRow>> {
+        let rows = sqlx::query(
+            "SELECT j.*, r.rule FROM jobs j JOIN rule_runs r ON r.id = j.run_id
+             WHERE (?1 IS NULL OR j.status = ?1) AND (?2 IS NULL OR j.agent_id = ?2)
+             ORDER BY j.id DESC LIMIT ?3",
+        )
+        .bind(status)
+        .bind(agent)
+        .bind(limit)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(job_row).collect()
+    }
+
+    pub async fn job(&self, id: i64) -> Result<Option<JobRow>> {
+        let row = sqlx::query(
+            "SELECT j.*, r.rule FROM jobs j JOIN rule_runs r ON r.id = j.run_id WHERE j.id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.read)
+        .await?;
+        row.as_ref().map(job_row).transpose()
+    }
+
+    pub async fn jobs_of_run(&self, run_id: i64) -> Result<Vec<JobRow>> {
+        let rows = sqlx::query(
+            "SELECT j.*, r.rule FROM jobs j JOIN rule_runs r ON r.id = j.run_id
+             WHERE j.run_id = ? ORDER BY j.id",
+        )
+        .bind(run_id)
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(job_row).collect()
+    }
+
+    /// The audit trail, newest first: runs filtered by rule, by an agent they sent a
+    /// job for, and by the time of their cause (`since` inclusive, `until` exclusive).
+    pub async fn find_runs(&self, f: &RunFilter) -> Result<Vec<RunRow>> {
+        let rows = sqlx::query(
+            "SELECT * FROM rule_runs r
+             WHERE (?1 IS NULL OR r.rule = ?1)
+               AND (?2 IS NULL OR EXISTS (SELECT 1 FROM jobs j WHERE j.run_id = r.id AND j.agent_id = ?2))
+               AND (?3 IS NULL OR r.happened_at >= ?3)
+               AND (?4 IS NULL OR r.happened_at < ?4)
+             ORDER BY r.id DESC LIMIT ?5",
+        )
+        .bind(&f.rule)
+        .bind(f.agent)
+        .bind(f.since.map(ms))
+        .bind(f.until.map(ms))
+        .bind(f.limit)
+        .fetch_all(&self.read)
+        .await?;
+        Ok(rows.iter().map(run_row).collect())
+    }
+
+    /// An agent's last known state: (state, when observed, from a PATCH answer or a GET).
+    pub async fn agent_record(&self, id: i64) -> Result<Option<(Value, DateTime<Utc>, String)>> {
+        let row =
+            sqlx::query("SELECT state, observed_at, origin FROM agent_states WHERE agent_id = ?")
+                .bind(id)
+                .fetch_optional(&self.read)
+                .await?;
+        Ok(match row {
+            Some(r) => Some((
+                serde_json::from_str(r.get::<&str, _>("state"))?,
+                from_ms(r.get("observed_at")),
+                r.get("origin"),
+            )),
+            None => None,
+        })
+    }
+
+    /// Records a run an operator asked for (fire now) and its jobs; no schedule mark
+    /// moves, so the rule's own fires are unaffected. Returns (run id, jobs).
+    pub async fn record_manual_run(
+        &self,
+        run: &NewRun,
+        now: DateTime<Utc>,
+    ) -> Result<(i64, usize)> {
+        let mut tx = self.begin().await?;
+        let inserted = insert_run(&mut tx, run, None, now).await?;
+        tx.commit().await?;
+        inserted.ok_or_else(|| StoreError::Commit("the run was not recorded".into()))
     }
 
     pub async fn runs(&self, rule: Option<&str>) -> Result<Vec<RunRow>> {
@@ -871,19 +1002,7 @@ impl Store {
                 .bind(rule)
                 .fetch_all(&self.read)
                 .await?;
-        Ok(rows
-            .iter()
-            .map(|r| RunRow {
-                id: r.get("id"),
-                rule: r.get("rule"),
-                trigger: r.get("trigger"),
-                delivery_id: r.get("delivery_id"),
-                scheduled_for: r.get::<Option<i64>, _>("scheduled_for").map(from_ms),
-                happened_at: from_ms(r.get("happened_at")),
-                decision: r.get("decision"),
-                detail: r.get("detail"),
-            })
-            .collect())
+        Ok(rows.iter().map(run_row).collect())
     }
 
     pub async fn attempts(&self, job_id: i64) -> Result<Vec<AttemptRow>> {
@@ -903,6 +1022,38 @@ impl Store {
                 error: r.get("error"),
             })
             .collect())
+    }
+}
+
+fn job_row(r: &sqlx::sqlite::SqliteRow) -> Result<JobRow> {
+    Ok(JobRow {
+        id: r.get("id"),
+        run_id: r.get("run_id"),
+        rule: r.get("rule"),
+        agent_id: r.get("agent_id"),
+        fields: serde_json::from_str(r.get::<&str, _>("fields"))?,
+        status: r.get("status"),
+        attempts: r.get("attempts"),
+        next_attempt_at: from_ms(r.get("next_attempt_at")),
+        valid_until: r.get::<Option<i64>, _>("valid_until").map(from_ms),
+        last_status: r.get("last_status"),
+        last_error: r.get("last_error"),
+        request_id: r.get("request_id"),
+        created_at: from_ms(r.get("created_at")),
+        updated_at: from_ms(r.get("updated_at")),
+    })
+}
+
+fn run_row(r: &sqlx::sqlite::SqliteRow) -> RunRow {
+    RunRow {
+        id: r.get("id"),
+        rule: r.get("rule"),
+        trigger: r.get("trigger"),
+        delivery_id: r.get("delivery_id"),
+        scheduled_for: r.get::<Option<i64>, _>("scheduled_for").map(from_ms),
+        happened_at: from_ms(r.get("happened_at")),
+        decision: r.get("decision"),
+        detail: r.get("detail"),
     }
 }
 
@@ -943,10 +1094,20 @@ const MAX_BATCH: usize = 256;
 /// only then answers each caller. While a batch commits, the next one gathers: the
 /// busier the endpoint, the more deliveries share an fsync. Runs until every [`Store`]
 /// clone is dropped.
-async fn group_commit(pool: SqlitePool, mut rx: mpsc::Receiver<PendingDelivery>) {
+async fn group_commit(
+    pool: SqlitePool,
+    mut rx: mpsc::Receiver<PendingDelivery>,
+    stats: Arc<IngestStats>,
+) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
         let outcomes = commit_batch(&pool, &batch).await;
+        if outcomes.iter().any(Result::is_ok) {
+            stats.commits.fetch_add(1, Ordering::Relaxed);
+            stats
+                .deliveries
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        }
         for (pending, outcome) in batch.drain(..).zip(outcomes) {
             // A caller that went away (client hung up) learns nothing; its delivery is
             // committed and a retry by the sender is answered as a duplicate.
