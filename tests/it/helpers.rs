@@ -92,7 +92,11 @@ pub struct Options {
     pub oauth: bool,
     /// Extra keys for the [database] table.
     pub database_extra: String,
+    /// Turn the admin API on (loopback, port 0) with [`ADMIN_TOKEN`].
+    pub admin: bool,
 }
+
+pub const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
 
 impl Default for Options {
     fn default() -> Self {
@@ -105,6 +109,7 @@ impl Default for Options {
             token: "{ value = \"sim-token\" }".into(),
             oauth: false,
             database_extra: String::new(),
+            admin: false,
         }
     }
 }
@@ -121,7 +126,12 @@ pub async fn spawn_with(opts: Options) -> TestApp {
     let sim_cancel = CancellationToken::new();
     tokio::spawn(sim.serve(listener, sim_cancel.clone()));
     let config_text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n[database]\npath = {:?}\n{}[platform]\nbase_url = \"http://{sim_addr}/v3\"\ntoken = {}\ntimeout = \"2s\"\n{}{}[queue]\n{}\n{}",
+        "[server]\nlisten = \"127.0.0.1:0\"\n{}[database]\npath = {:?}\n{}[platform]\nbase_url = \"http://{sim_addr}/v3\"\ntoken = {}\ntimeout = \"2s\"\n{}{}[queue]\n{}\n{}",
+        if opts.admin {
+            format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = {{ value = \"{ADMIN_TOKEN}\" }}\n")
+        } else {
+            String::new()
+        },
         dir.path().join("test.db").display().to_string(),
         opts.database_extra,
         opts.token,
@@ -181,6 +191,31 @@ impl TestApp {
         if let Some(app) = self.app.take() {
             app.shutdown().await;
         }
+    }
+
+    /// Writes the config to `<dir>/conf/autopilot.toml` and has the app watch it.
+    pub fn watch_config_file(&mut self) -> PathBuf {
+        let dir = self.dir.path().join("conf");
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("autopilot.toml");
+        std::fs::write(&path, &self.config_text).unwrap();
+        self.app
+            .as_mut()
+            .expect("app running")
+            .watch_config(path.clone(), Vec::new());
+        path
+    }
+
+    pub fn app(&self) -> &App {
+        self.app.as_ref().expect("app running")
+    }
+
+    /// A request to the admin API with the right token.
+    pub fn admin(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let addr = self.app().admin_addr().expect("admin API on");
+        self.http
+            .request(method, format!("http://{addr}{path}"))
+            .bearer_auth(ADMIN_TOKEN)
     }
 
     pub fn store(&self) -> &autopilot::store::Store {

@@ -8,6 +8,7 @@ mod crash;
 mod faults;
 mod ingest;
 mod oauth;
+mod ops;
 mod queue;
 mod redaction;
 mod schedule;
