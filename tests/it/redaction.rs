@@ -1,15 +1,18 @@
-//! The real binary at debug log level, fed failed and successful deliveries: no secret and
-//! no MAC computed from one appears anywhere in what it logs.
+//! The real binary at debug log level, fed failed and successful deliveries, admin API
+//! calls with wrong and right tokens, and a SIGHUP reload: no configured secret and no
+//! MAC computed from one appears anywhere in what it logs.
 
 use hmac::{Hmac, Mac};
 use std::io::BufRead;
 use std::process::{Command, Stdio};
 
-const SECRETS: [&str; 4] = [
+const SECRETS: [&str; 6] = [
     "hunter2-basic-pass",
     "whsec-log-test",
     "static-log-secret",
     "sim-token",
+    "admin-log-token-0123456789",
+    "whsec_c3RhbmRhcmQtd2ViaG9va3Mta2V5",
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -31,6 +34,12 @@ path = "{}"
 [platform]
 base_url = "http://{sim_addr}/v3"
 token = {{ value = "sim-token" }}
+[admin]
+listen = "127.0.0.1:0"
+token = {{ value = "admin-log-token-0123456789" }}
+[[sources]]
+name = "sw"
+auth = {{ kind = "standard-webhooks", secret = {{ value = "whsec_c3RhbmRhcmQtd2ViaG9va3Mta2V5" }} }}
 [[sources]]
 name = "h"
 auth = {{ kind = "hmac-sha256", header = "X-Signature", secret = {{ value = "whsec-log-test" }} }}
@@ -62,7 +71,7 @@ set = {{ status = "inactive" }}
     let stderr = child.stderr.take().unwrap();
     let mut lines = std::io::BufReader::new(stderr).lines();
     let mut seen = Vec::new();
-    let addr: std::net::SocketAddr = loop {
+    let (addr, admin): (std::net::SocketAddr, std::net::SocketAddr) = loop {
         let line = lines
             .next()
             .expect("autopilot exited before it started")
@@ -70,7 +79,12 @@ set = {{ status = "inactive" }}
         let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
         seen.push(line);
         if v["fields"]["message"] == "autopilot started" {
-            break v["fields"]["addr"].as_str().unwrap().parse().unwrap();
+            let admin = v["fields"]["admin"].as_str().unwrap();
+            let admin = admin.trim_start_matches("Some(").trim_end_matches(')');
+            break (
+                v["fields"]["addr"].as_str().unwrap().parse().unwrap(),
+                admin.parse().unwrap(),
+            );
         }
     };
     let (tx, rx) = std::sync::mpsc::channel();
@@ -116,7 +130,48 @@ set = {{ status = "inactive" }}
         .await
         .unwrap();
     assert_eq!(r.status(), 401);
+    // Standard Webhooks with a forged signature.
+    let r = http
+        .post(format!("http://{addr}/webhooks/sw"))
+        .header("content-type", "application/json")
+        .header("webhook-id", "msg_1")
+        .header(
+            "webhook-timestamp",
+            chrono::Utc::now().timestamp().to_string(),
+        )
+        .header("webhook-signature", "v1,Zm9yZ2Vk")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    // The admin API with a wrong, then the right token.
+    for (token, status) in [
+        ("admin-log-token-012345678X", 401),
+        ("admin-log-token-0123456789", 200),
+    ] {
+        let r = http
+            .get(format!("http://{admin}/api/status"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status);
+    }
+    // A reload by SIGHUP re-reads every secret.
+    let _ = Command::new("kill")
+        .arg("-HUP")
+        .arg(child.id().to_string())
+        .status();
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let r = http
+        .get(format!("http://{admin}/api/status"))
+        .bearer_auth("admin-log-token-0123456789")
+        .send()
+        .await
+        .unwrap();
+    let status: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(status["reload"]["reloads"], 1, "SIGHUP reloaded: {status}");
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
@@ -127,6 +182,14 @@ set = {{ status = "inactive" }}
     assert!(
         logs.contains("webhook rejected"),
         "the run logged its rejections:\n{logs}"
+    );
+    assert!(
+        logs.contains("configuration reloaded"),
+        "the run logged its reload:\n{logs}"
+    );
+    assert!(
+        logs.contains("admin API: request without the right token refused"),
+        "the run logged the refused admin call:\n{logs}"
     );
     for needle in SECRETS
         .iter()
