@@ -175,8 +175,9 @@ pub enum SigEncoding {
 
 #[derive(Debug, Clone)]
 pub enum IdSpec {
-    /// A JSON pointer into the body (for form bodies: `/field_name`).
-    Pointer(String),
+    /// JSON pointers into the body (for form bodies: `/field_name`), whose values
+    /// together identify a delivery, e.g. `/event` and `/call_id`.
+    Pointers(Vec<String>),
     /// A request header.
     Header(String),
 }
@@ -825,13 +826,23 @@ fn source(
             );
             None
         }
-        (Some(p), None) => match crate::rules::Condition::new(p.get_ref(), &Value::Bool(true)) {
-            Ok(c) => Some(IdSpec::Pointer(c.path)),
-            Err(e) => {
-                errs.at(p, e);
-                None
+        (Some(p), None) => {
+            let list = match p.get_ref() {
+                raw::RawId::One(one) => vec![one.clone()],
+                raw::RawId::Many(many) => many.clone(),
+            };
+            let mut pointers = Vec::new();
+            if list.is_empty() {
+                errs.at(p, "`id` lists no JSON pointer");
             }
-        },
+            for one in &list {
+                match crate::rules::Condition::new(one, &Value::Bool(true)) {
+                    Ok(c) => pointers.push(c.path),
+                    Err(e) => errs.at(p, e),
+                }
+            }
+            (pointers.len() == list.len() && !list.is_empty()).then_some(IdSpec::Pointers(pointers))
+        }
         (None, Some(h)) => Some(IdSpec::Header(h.get_ref().to_ascii_lowercase())),
         (None, None) => None,
     };

@@ -212,12 +212,20 @@ impl TryFrom<toml::Value> for RawSecret {
     }
 }
 
+/// `id = "/call_id"` or `id = ["/event", "/call_id"]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawId {
+    One(String),
+    Many(Vec<String>),
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSource {
     pub name: Spanned<String>,
     pub auth: Spanned<RawAuth>,
-    pub id: Option<Spanned<String>>,
+    pub id: Option<Spanned<RawId>>,
     pub id_header: Option<Spanned<String>>,
     pub rate_limit: Option<Spanned<RawRateLimit>>,
     pub event_time: Option<Spanned<String>>,

@@ -29,6 +29,30 @@ fn shipped_configs_are_valid() {
     assert_eq!(c.rules.len(), 5);
     assert_eq!(c.sources.len(), 2);
     Config::from_toml(crate::cli::DEMO_CONFIG, Path::new("config/demo.toml"), &[]).unwrap();
+    let mut prod_env = env();
+    prod_env.push(("CRM_WEBHOOK_SECRET".into(), "whsec_c2VjcmV0LWtleQ==".into()));
+    prod_env.push((
+        "ADMIN_API_TOKEN".into(),
+        "0123456789abcdef0123".into(),
+    ));
+    let prod = Config::load(Path::new("config/production.toml"), &prod_env)
+        .unwrap_or_else(|e| panic!("config/production.toml:\n{e}"));
+    assert!(prod.admin.token.is_some());
+    // Every secret comes from the environment: without it, each one is named.
+    let e = Config::load(Path::new("config/production.toml"), &[])
+        .unwrap_err()
+        .to_string();
+    for var in [
+        "CONVIRZA_TOKEN",
+        "CONVIRZA_WEBHOOK_SECRET",
+        "GATEWAY_SECRET",
+        "CRM_WEBHOOK_SECRET",
+        "ADMIN_API_TOKEN",
+    ] {
+        assert!(e.contains(var), "{var} not named in:\n{e}");
+    }
+    // Offline tools (plan, healthcheck) need none of them.
+    Config::load_offline(Path::new("config/production.toml"), &[]).unwrap();
 }
 
 #[test]

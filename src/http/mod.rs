@@ -596,11 +596,18 @@ fn dedupe_key(
     source: &str,
 ) -> String {
     let found = match id {
-        Some(IdSpec::Pointer(p)) => payload.pointer(p).and_then(|v| match v {
-            Value::String(s) if !s.is_empty() => Some(s.clone()),
-            Value::Number(n) => Some(n.to_string()),
-            _ => None,
-        }),
+        // Every pointer must have a value; one pointer keeps the plain `id:<value>` key.
+        Some(IdSpec::Pointers(pointers)) => pointers
+            .iter()
+            .map(|p| {
+                payload.pointer(p).and_then(|v| match v {
+                    Value::String(s) if !s.is_empty() => Some(s.clone()),
+                    Value::Number(n) => Some(n.to_string()),
+                    _ => None,
+                })
+            })
+            .collect::<Option<Vec<_>>>()
+            .map(|values| values.join("\u{1f}")),
         Some(IdSpec::Header(h)) => headers
             .get(h.as_str())
             .and_then(|v| v.to_str().ok())

@@ -16,7 +16,7 @@ pub const RULES: &str = r#"
 [[sources]]
 name = "convirza"
 auth = { kind = "static", field = "/static/auth_token", secret = { value = "s3cr3t-static-value" } }
-id = "/call_id"
+id = ["/event", "/call_id"]
 
 [[sources]]
 name = "gateway"

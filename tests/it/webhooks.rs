@@ -728,3 +728,20 @@ async fn the_same_delivery_posted_twenty_times_at_once_causes_one_effect() {
     assert_eq!(t.store().jobs(None, None).await.unwrap().len(), 1);
     assert_eq!(t.patches().await.len(), 1);
 }
+
+#[tokio::test]
+async fn a_pre_call_and_a_post_call_of_the_same_call_are_both_kept() {
+    let t = spawn().await;
+    let pre = json!({"event": "pre_call", "call_id": "same-call", "caller_id": "+12065550100",
+                     "ai_voice_agent_id": 102, "static": {"auth_token": STATIC_SECRET}});
+    let post = json!({"event": "post_call", "call_id": "same-call", "ai_voice_agent_id": 102,
+                      "disposition": "ANSWERED", "static": {"auth_token": STATIC_SECRET}});
+    assert_eq!(t.post_json("convirza", &pre).await.status(), 202);
+    assert_eq!(t.post_json("convirza", &post).await.status(), 202);
+    assert_eq!(
+        t.post_json("convirza", &post).await.status(),
+        200,
+        "the same post-call again is a duplicate"
+    );
+    assert_eq!(t.store().delivery_count("convirza").await.unwrap(), 2);
+}
