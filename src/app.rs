@@ -257,9 +257,13 @@ async fn prune_loop(
                 tracing::warn!(error = %e, "pruning old history failed; trying again in an hour")
             }
         }
-        tokio::select! {
-            _ = cancel.cancelled() => break,
-            _ = clock.sleep_until(clock.now() + chrono::Duration::hours(1)) => {}
+        // The clock wakes sleepers at least once a minute: sleep until the hour is up.
+        let next = clock.now() + chrono::Duration::hours(1);
+        while clock.now() < next {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = clock.sleep_until(next) => {}
+            }
         }
     }
 }
