@@ -217,8 +217,13 @@ impl Config {
         env: &[(String, String)],
         offline: bool,
     ) -> Result<Config, ConfigErrors> {
-        let (changed, applied) =
-            overrides::apply(text, env).map_err(|msg| ConfigErrors::single(origin, msg))?;
+        let (changed, applied) = match overrides::apply(text, env) {
+            Ok(r) => r,
+            // A file that is not TOML: its own syntax error, at its place (below), rather
+            // than the override editor's unlocated one.
+            Err(_) if toml::from_str::<toml::Table>(text).is_err() => (text.to_string(), vec![]),
+            Err(msg) => return Err(ConfigErrors::single(origin, msg)),
+        };
         let base_dir = origin.parent().unwrap_or(Path::new("."));
         let mut errs = ConfigErrors {
             file: origin.to_path_buf(),

@@ -31,10 +31,7 @@ fn shipped_configs_are_valid() {
     Config::from_toml(crate::cli::DEMO_CONFIG, Path::new("config/demo.toml"), &[]).unwrap();
     let mut prod_env = env();
     prod_env.push(("CRM_WEBHOOK_SECRET".into(), "whsec_c2VjcmV0LWtleQ==".into()));
-    prod_env.push((
-        "ADMIN_API_TOKEN".into(),
-        "0123456789abcdef0123".into(),
-    ));
+    prod_env.push(("ADMIN_API_TOKEN".into(), "0123456789abcdef0123".into()));
     let prod = Config::load(Path::new("config/production.toml"), &prod_env)
         .unwrap_or_else(|e| panic!("config/production.toml:\n{e}"));
     assert!(prod.admin.token.is_some());
@@ -199,6 +196,20 @@ fn absurd_numbers_are_refused_not_panicked_on() {
         "{HEAD}[queue]\nlease = \"500000000years\"\nmax_age = \"9999years\"\n"
     ));
     assert!(e.matches("longer than the limit").count() == 2, "{e}");
+}
+
+#[test]
+fn syntax_error_is_located_even_with_overrides() {
+    // Found by tests/fuzz.rs: the override editor's own parse error had no file:line:col.
+    let env = vec![("AUTOPILOT_QUEUE__WORKERS".into(), "3".into())];
+    let e = Config::from_toml(
+        &format!("{HEAD}[queue]\n[queue]\n"),
+        Path::new("test.toml"),
+        &env,
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(e, "test.toml:5:2: duplicate key");
 }
 
 #[test]

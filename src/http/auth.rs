@@ -79,7 +79,8 @@ pub fn verify_raw(auth: &SourceAuth, offered: &Offered<'_>) -> Verdict {
             let Ok(ts_secs) = ts.trim().parse::<i64>() else {
                 return Verdict::Denied("webhook-timestamp is not a number");
             };
-            if (offered.now - ts_secs).unsigned_abs() > tolerance.as_secs() {
+            // abs_diff: a timestamp near i64::MIN must not overflow the subtraction.
+            if offered.now.abs_diff(ts_secs) > tolerance.as_secs() {
                 return Verdict::Denied("webhook-timestamp outside the tolerance (replay?)");
             }
             let given: Vec<Vec<u8>> = sigs

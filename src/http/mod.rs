@@ -1,7 +1,7 @@
 //! The HTTP face: webhook ingest and health.
 
 pub mod admin;
-mod auth;
+pub mod auth;
 
 use crate::clock::SharedClock;
 use crate::config::IdSpec;
@@ -118,6 +118,11 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// The HTTP status this error is answered with.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
     fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
             status,
@@ -277,8 +282,9 @@ async fn metrics(State(st): State<AppState>) -> Response {
         .into_response()
 }
 
+/// How a webhook body is read, from its content type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum BodyKind {
+pub enum BodyKind {
     Json,
     Form,
 }
@@ -288,6 +294,11 @@ fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
+    body_kind_of(ct)
+}
+
+/// The body kind of a `Content-Type` value (`""` when there is none); 415 otherwise.
+pub fn body_kind_of(ct: &str) -> Result<BodyKind, ApiError> {
     let mime = ct
         .split(';')
         .next()
@@ -306,6 +317,26 @@ fn body_kind(headers: &HeaderMap) -> Result<BodyKind, ApiError> {
             ),
         )),
     }
+}
+
+/// A webhook body as the JSON object the rules see; 400 if it is not one.
+pub fn parse_body(kind: BodyKind, body: &[u8]) -> Result<Value, ApiError> {
+    let payload = match kind {
+        BodyKind::Json => serde_json::from_slice::<Value>(body).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("body is not valid JSON: {e}"),
+            )
+        })?,
+        BodyKind::Form => form_to_json(body),
+    };
+    if !payload.is_object() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "body must be a JSON object",
+        ));
+    }
+    Ok(payload)
 }
 
 /// A form body as a JSON object of strings; a repeated field becomes a list. A raw line
@@ -439,21 +470,7 @@ async fn ingest_one(
     if let Verdict::Denied(why) = verdict {
         return Err(unauthorized(&source.name, why));
     }
-    let mut payload = match kind {
-        BodyKind::Json => serde_json::from_slice::<Value>(&body).map_err(|e| {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("body is not valid JSON: {e}"),
-            )
-        })?,
-        BodyKind::Form => form_to_json(&body),
-    };
-    if !payload.is_object() {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "body must be a JSON object",
-        ));
-    }
+    let mut payload = parse_body(kind, &body)?;
     let is_form = kind == BodyKind::Form;
     if verdict == Verdict::NeedsBody {
         if let Verdict::Denied(why) = auth::check_static_body(&source.auth, &payload, is_form) {
