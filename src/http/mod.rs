@@ -582,7 +582,9 @@ async fn ingest_one(
                 }
             }
             if jobs > 0 {
-                st.queue_notify.notify_waiters();
+                // One worker per delivery, not all of them: under a burst, waking every
+                // idle worker per delivery costs a claim each, mostly in vain.
+                st.queue_notify.notify_one();
             }
             Ok((
                 StatusCode::ACCEPTED,

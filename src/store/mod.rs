@@ -72,7 +72,14 @@ pub struct Store {
     ingest: mpsc::Sender<PendingDelivery>,
     /// Transactions the group committer made, and deliveries they held.
     ingest_stats: Arc<IngestStats>,
+    /// Each agent's last known state as stored (`None`: none stored), read on every
+    /// webhook. This process is the only writer of `agent_states` (one daemon per
+    /// database), and the cache is updated after each commit that changes a state.
+    states: Arc<std::sync::RwLock<HashMap<i64, Option<Value>>>>,
 }
+
+/// Agents whose state is cached at most; beyond that the cache starts over.
+const STATE_CACHE_MAX: usize = 100_000;
 
 #[derive(Debug, Default)]
 pub struct IngestStats {
@@ -390,6 +397,7 @@ impl Store {
             read,
             ingest,
             ingest_stats,
+            states: Arc::default(),
         }
     }
 
@@ -457,14 +465,32 @@ impl Store {
     }
 
     pub async fn agent_state(&self, id: i64) -> Result<Option<Value>> {
+        if let Some(known) = self.cached_state(id) {
+            return Ok(known);
+        }
         let row = sqlx::query("SELECT state FROM agent_states WHERE agent_id = ?")
             .bind(id)
             .fetch_optional(&self.read)
             .await?;
-        Ok(match row {
+        let state: Option<Value> = match row {
             Some(r) => Some(serde_json::from_str(r.get::<&str, _>(0))?),
             None => None,
-        })
+        };
+        self.cache_state(id, state.clone());
+        Ok(state)
+    }
+
+    fn cached_state(&self, id: i64) -> Option<Option<Value>> {
+        let cache = self.states.read().unwrap_or_else(|e| e.into_inner());
+        cache.get(&id).cloned()
+    }
+
+    fn cache_state(&self, id: i64, state: Option<Value>) {
+        let mut cache = self.states.write().unwrap_or_else(|e| e.into_inner());
+        if cache.len() >= STATE_CACHE_MAX && !cache.contains_key(&id) {
+            cache.clear();
+        }
+        cache.insert(id, state);
     }
 
     pub async fn save_agent_state(
@@ -477,6 +503,7 @@ impl Store {
         let mut tx = self.begin().await?;
         upsert_state(&mut tx, id, state, origin, now).await?;
         tx.commit().await?;
+        self.cache_state(id, Some(state.clone()));
         Ok(())
     }
 
@@ -781,6 +808,9 @@ impl Store {
             upsert_state(&mut tx, job.agent_id, state, "patch", f.finished_at).await?;
         }
         tx.commit().await?;
+        if let Some(state) = &f.new_state {
+            self.cache_state(job.agent_id, Some(state.clone()));
+        }
         Ok(true)
     }
 
