@@ -265,7 +265,8 @@ async fn metrics(State(st): State<AppState>) -> Response {
                 .into_response();
         }
     }
-    let (commits, committed) = st.store.ingest_stats();
+    let (commits, committed, busy) = st.store.ingest_stats();
+    gauges.push(("autopilot_ingest_busy_seconds_total", vec![], busy));
     gauges.push(("autopilot_ingest_commits_total", vec![], commits as f64));
     gauges.push((
         "autopilot_ingest_committed_deliveries_total",

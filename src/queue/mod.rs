@@ -16,6 +16,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
+/// After a wake-up by a new job, how long a worker lets others gather before it claims.
+pub const COALESCE_WAKEUPS: Duration = Duration::from_millis(5);
+
 /// When and whether to try again.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
@@ -172,14 +175,23 @@ impl Queue {
                     warn!(worker = %worker, error = %e, "queue step failed; retrying shortly");
                 }
             }
+            let now = self.clock.now();
             let next = match self.store.next_due().await {
-                Ok(Some(t)) => t,
-                _ => self.clock.now() + chrono::Duration::seconds(1),
+                Ok(Some(t)) if t > now => t,
+                // Due, yet our claim found nothing: every due job waits behind one in
+                // flight for its agent, and the worker that finishes that one takes the
+                // next itself. New jobs and rescued leases wake us; until then, no need
+                // to poll.
+                Ok(Some(_)) | Ok(None) | Err(_) => now + chrono::Duration::seconds(1),
             };
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = notified => {}
-                _ = self.clock.sleep_until(next.max(self.clock.now() + chrono::Duration::milliseconds(10))) => {}
+                _ = notified => {
+                    // A burst of deliveries notifies once each: gather them into one
+                    // claim instead of one claim per delivery.
+                    tokio::time::sleep(COALESCE_WAKEUPS).await;
+                }
+                _ = self.clock.sleep_until(next) => {}
             }
         }
         info!(worker = %worker, "queue worker stopped");

@@ -85,6 +85,8 @@ const STATE_CACHE_MAX: usize = 100_000;
 pub struct IngestStats {
     pub commits: AtomicU64,
     pub deliveries: AtomicU64,
+    /// Time spent writing batches, from asking for the writer to the end of the commit.
+    pub busy_micros: AtomicU64,
 }
 
 /// A rule run to record, with the jobs it causes.
@@ -331,9 +333,12 @@ impl Store {
                 .map_err(|e| StoreError::Dir(dir.display().to_string(), e))?;
         }
         let base = connect_options(path, busy_timeout);
+        // A local file cannot drop the connection: no liveness ping before each use
+        // (it would cost a round trip to the connection's thread every transaction).
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .min_connections(1)
+            .test_before_acquire(false)
             .connect_with(
                 base.clone()
                     .create_if_missing(true)
@@ -343,6 +348,7 @@ impl Store {
         MIGRATOR.run(&write).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
+            .test_before_acquire(false)
             .connect_with(base.read_only(true))
             .await?;
         Ok(Store::with_pools(write, read))
@@ -401,11 +407,12 @@ impl Store {
         }
     }
 
-    /// (transactions, deliveries) the group committer has committed.
-    pub fn ingest_stats(&self) -> (u64, u64) {
+    /// (transactions, deliveries, seconds busy) of the group committer.
+    pub fn ingest_stats(&self) -> (u64, u64, f64) {
         (
             self.ingest_stats.commits.load(Ordering::Relaxed),
             self.ingest_stats.deliveries.load(Ordering::Relaxed),
+            self.ingest_stats.busy_micros.load(Ordering::Relaxed) as f64 / 1e6,
         )
     }
 
@@ -1146,7 +1153,11 @@ async fn group_commit(
 ) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let started = std::time::Instant::now();
         let outcomes = commit_batch(&pool, &batch).await;
+        stats
+            .busy_micros
+            .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
         if outcomes.iter().any(Result::is_ok) {
             stats.commits.fetch_add(1, Ordering::Relaxed);
             stats
