@@ -5,7 +5,7 @@
 use super::{ApiError, AppState};
 use crate::rules::{self, AgentOutcome, Decision, Trigger};
 use crate::store::{JobStatus, NewRun, RunFilter};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, RawQuery, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -91,7 +91,13 @@ fn storage(e: crate::store::StoreError) -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "database unavailable")
 }
 
-type Params = Query<HashMap<String, String>>;
+/// Query parameters, decoded leniently (an undecodable byte becomes U+FFFD and then
+/// fails the parameter's own check, with a JSON error naming it).
+fn params(raw: Option<String>) -> HashMap<String, String> {
+    form_urlencoded::parse(raw.unwrap_or_default().as_bytes())
+        .into_owned()
+        .collect()
+}
 
 /// Query parameters, each checked, every unknown one refused (a typo must not silently
 /// widen a filter).
@@ -205,8 +211,9 @@ async fn list_rules(State(st): State<AppState>) -> Response {
 /// each run with its jobs and their outcomes.
 async fn list_runs(
     State(st): State<AppState>,
-    Query(params): Params,
+    RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
+    let params = params(raw);
     let f = Filters::new(&params, &["rule", "agent", "since", "until", "limit"])?;
     let filter = RunFilter {
         rule: f.text("rule"),
@@ -229,8 +236,9 @@ async fn list_runs(
 /// `GET /api/jobs?state=&agent=&limit=`: jobs newest first.
 async fn list_jobs(
     State(st): State<AppState>,
-    Query(params): Params,
+    RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
+    let params = params(raw);
     let f = Filters::new(&params, &["state", "agent", "limit"])?;
     let state = f
         .text("state")
@@ -324,9 +332,15 @@ async fn transition(
 async fn fire_rule(
     State(st): State<AppState>,
     Path(name): Path<String>,
-    body: Option<Json<Value>>,
+    body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let body = body.map(|Json(v)| v).unwrap_or_else(|| json!({}));
+    // An empty body is `{}`; anything else must be a JSON object (any content type).
+    let body: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        json!({})
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| bad_request(format!("the body is not valid JSON: {e}")))?
+    };
     let Some(obj) = body.as_object() else {
         return Err(bad_request(
             "the body must be a JSON object such as {\"dry_run\": true}",
@@ -444,8 +458,9 @@ async fn fire_rule(
 async fn show_agent(
     State(st): State<AppState>,
     Path(raw): Path<String>,
-    Query(params): Params,
+    RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
+    let params = params(query);
     let id: i64 = raw
         .parse()
         .map_err(|_| bad_request(format!("agent id {raw:?} is not an integer")))?;

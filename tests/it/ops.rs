@@ -378,6 +378,25 @@ async fn admin_api_rules_runs_jobs_agents_and_fire_now() {
         .unwrap();
     assert_eq!(dry["patches"][0]["agent_id"], 101, "{dry}");
     let r = t
+        .admin(Method::POST, "/api/rules/night%20greeting/fire")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert!(
+        body["error"].as_str().unwrap().contains("not valid JSON"),
+        "{body}"
+    );
+    let r = t
+        .admin(Method::POST, "/api/rules/night%20greeting/fire")
+        .json(&json!({"dry_run": "yes"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let r = t
         .admin(Method::POST, "/api/rules/no%20such%20rule/fire")
         .send()
         .await
@@ -439,6 +458,13 @@ async fn admin_api_rules_runs_jobs_agents_and_fire_now() {
         .unwrap();
     assert_eq!(bad.status(), 400);
     assert!(bad.text().await.unwrap().contains("RFC 3339"));
+    let garbled = t
+        .admin(Method::GET, "/api/runs?limit=%FF")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(garbled.status(), 400);
+    assert!(garbled.json::<Value>().await.unwrap()["error"].is_string());
     let typo = t
         .admin(Method::GET, "/api/runs?rules=x")
         .send()
