@@ -137,7 +137,8 @@ impl App {
                 queue.clone().run(format!("{owner}-w{i}"), cancel.clone()),
             ));
         }
-        info!(%addr, admin = ?admin_addr, rules = config.rules.len(), sources = config.sources.len(), workers = config.queue.workers, "autopilot started");
+        let admin = admin_addr.map_or_else(|| "off".to_string(), |a| a.to_string());
+        info!(%addr, %admin, rules = config.rules.len(), sources = config.sources.len(), workers = config.queue.workers, "autopilot started");
         Ok(App {
             addr,
             admin_addr,

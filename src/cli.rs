@@ -497,18 +497,24 @@ async fn jobs(action: JobsAction) -> anyhow::Result<()> {
             let store = open_db(&db).await?;
             let jobs = store.jobs(status.as_deref(), agent).await?;
             store.close().await;
+            // Written, not printed: a closed pipe (`| head`) is an error, not a panic.
+            use std::io::Write as _;
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             if json {
                 for j in &jobs {
-                    println!("{}", serde_json::to_string(j)?);
+                    writeln!(out, "{}", serde_json::to_string(j)?)?;
                 }
+                out.flush()?;
                 return Ok(());
             }
-            println!(
+            writeln!(
+                out,
                 "{:>6}  {:<9}  {:>8}  {:<28}  {:>3}  {:>4}  {:<20}  LAST ERROR",
                 "ID", "STATUS", "AGENT", "RULE", "TRY", "HTTP", "UPDATED (UTC)"
-            );
+            )?;
             for j in &jobs {
-                println!(
+                writeln!(
+                    out,
                     "{:>6}  {:<9}  {:>8}  {:<28}  {:>3}  {:>4}  {:<20}  {}",
                     j.id,
                     j.status,
@@ -520,9 +526,10 @@ async fn jobs(action: JobsAction) -> anyhow::Result<()> {
                         .unwrap_or_else(|| "-".into()),
                     j.updated_at.format("%Y-%m-%d %H:%M:%S"),
                     clip(j.last_error.as_deref().unwrap_or(""), 60)
-                );
+                )?;
             }
-            println!("{} job(s)", jobs.len());
+            writeln!(out, "{} job(s)", jobs.len())?;
+            out.flush()?;
         }
         JobsAction::Retry { db, id, all_dead } => {
             let store = open_db(&db).await?;

@@ -516,7 +516,15 @@ fn validate(
     };
     let max_body_bytes = raw.server.max_body_bytes.unwrap_or(1 << 20);
     let request_timeout = match &raw.server.request_timeout {
-        Some(s) => duration(errs, s),
+        Some(s) => {
+            match duration(errs, s) {
+                Some(d) if d < Duration::from_millis(100) => {
+                    errs.at(s, "request_timeout must be at least 100ms: a shorter one refuses every webhook");
+                    None
+                }
+                d => d,
+            }
+        }
         None => Some(Duration::from_secs(15)),
     };
 

@@ -108,10 +108,14 @@ struct Filters<'a> {
 impl<'a> Filters<'a> {
     fn new(params: &'a HashMap<String, String>, known: &[&str]) -> Result<Self, ApiError> {
         if let Some(k) = params.keys().find(|k| !known.contains(&k.as_str())) {
-            return Err(bad_request(format!(
-                "unknown query parameter {k:?}; this endpoint takes {}",
-                known.join(", ")
-            )));
+            return Err(bad_request(if known.is_empty() {
+                format!("unknown query parameter {k:?}; this endpoint takes none")
+            } else {
+                format!(
+                    "unknown query parameter {k:?}; this endpoint takes {}",
+                    known.join(", ")
+                )
+            }));
         }
         Ok(Self { params })
     }
@@ -158,7 +162,11 @@ impl<'a> Filters<'a> {
 
 /// `GET /api/rules`: every rule with its trigger and next fires; every shift with the
 /// stretch in force now.
-async fn list_rules(State(st): State<AppState>) -> Response {
+async fn list_rules(
+    State(st): State<AppState>,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    Filters::new(&params(raw), &[])?;
     let config = st.live.current();
     let now = st.clock.now();
     let rules: Vec<Value> = config
@@ -204,7 +212,7 @@ async fn list_rules(State(st): State<AppState>) -> Response {
             })
         })
         .collect();
-    Json(json!({"rules": rules, "shifts": shifts})).into_response()
+    Ok(Json(json!({"rules": rules, "shifts": shifts})).into_response())
 }
 
 /// `GET /api/runs?rule=&agent=&since=&until=&limit=`: the audit trail, newest first,
@@ -261,7 +269,9 @@ fn job_id(raw: &str) -> Result<i64, ApiError> {
 async fn show_job(
     State(st): State<AppState>,
     Path(raw): Path<String>,
+    RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
+    Filters::new(&params(query), &[])?;
     let id = job_id(&raw)?;
     let Some(job) = st.store.job(id).await.map_err(storage)? else {
         return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no job {id}")));
@@ -354,17 +364,22 @@ async fn fire_rule(
             "unknown field {k:?}; use dry_run and payload"
         )));
     }
-    let dry_run = match obj.get("dry_run") {
-        None => false,
-        Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(bad_request("dry_run must be true or false")),
-    };
     let config = st.live.current();
     let Some(rule) = config.rules.iter().find(|r| r.name == name) else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no rule named {name:?}"),
         ));
+    };
+    // Required: an operator must say whether to send, never get a live fire by default.
+    let dry_run = match obj.get("dry_run") {
+        Some(Value::Bool(b)) => *b,
+        None => {
+            return Err(bad_request(
+                "say \"dry_run\": true (show the PATCHes) or \"dry_run\": false (send them)",
+            ))
+        }
+        Some(_) => return Err(bad_request("dry_run must be true or false")),
     };
     let now = st.clock.now();
     let decision = match &rule.trigger {
@@ -484,7 +499,11 @@ async fn show_agent(
 }
 
 /// `GET /api/status`: readiness, reload status and queue counts in one answer.
-async fn status(State(st): State<AppState>) -> Result<Response, ApiError> {
+async fn status(
+    State(st): State<AppState>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    Filters::new(&params(query), &[])?;
     let (ready, readiness) = super::readiness(&st).await;
     let (counts, _) = st.store.job_gauges(st.clock.now()).await.map_err(storage)?;
     let jobs: serde_json::Map<String, Value> =

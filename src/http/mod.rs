@@ -107,6 +107,18 @@ pub fn router(state: AppState) -> Router {
             StatusCode::REQUEST_TIMEOUT,
             timeout,
         ))
+        // The timeout layer answers with an empty body: give it the JSON every error has.
+        .layer(axum::middleware::map_response(|resp: Response| async move {
+            if resp.status() == StatusCode::REQUEST_TIMEOUT {
+                ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request took longer than request_timeout; it may or may not have been stored: send it again (a stored copy is answered as a duplicate)",
+                )
+                .into_response()
+            } else {
+                resp
+            }
+        }))
         .with_state(state)
 }
 

@@ -94,6 +94,8 @@ pub struct Options {
     pub database_extra: String,
     /// Turn the admin API on (loopback, port 0) with [`ADMIN_TOKEN`].
     pub admin: bool,
+    /// Extra keys for the [server] table.
+    pub server_extra: String,
 }
 
 pub const ADMIN_TOKEN: &str = "admin-token-0123456789abcdef";
@@ -110,6 +112,7 @@ impl Default for Options {
             oauth: false,
             database_extra: String::new(),
             admin: false,
+            server_extra: String::new(),
         }
     }
 }
@@ -126,7 +129,8 @@ pub async fn spawn_with(opts: Options) -> TestApp {
     let sim_cancel = CancellationToken::new();
     tokio::spawn(sim.serve(listener, sim_cancel.clone()));
     let config_text = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\n{}[database]\npath = {:?}\n{}[platform]\nbase_url = \"http://{sim_addr}/v3\"\ntoken = {}\ntimeout = \"2s\"\n{}{}[queue]\n{}\n{}",
+        "[server]\nlisten = \"127.0.0.1:0\"\n{}{}[database]\npath = {:?}\n{}[platform]\nbase_url = \"http://{sim_addr}/v3\"\ntoken = {}\ntimeout = \"2s\"\n{}{}[queue]\n{}\n{}",
+        opts.server_extra,
         if opts.admin {
             format!("[admin]\nlisten = \"127.0.0.1:0\"\ntoken = {{ value = \"{ADMIN_TOKEN}\" }}\n")
         } else {

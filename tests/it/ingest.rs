@@ -183,3 +183,31 @@ async fn an_open_job_keeps_its_delivery_however_old() {
     assert_eq!(pruned.runs, 0, "{pruned:?}");
     assert_eq!(t.store().delivery_count("convirza").await.unwrap(), 1);
 }
+
+#[tokio::test]
+async fn a_sender_that_trickles_its_body_gets_408_in_json() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = spawn_with(Options {
+        server_extra: "request_timeout = \"300ms\"\n".into(),
+        ..Options::default()
+    })
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(t.addr).await.unwrap();
+    conn.write_all(
+        b"POST /webhooks/convirza HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"event\":",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        conn.read_to_end(&mut answer),
+    )
+    .await
+    .expect("answered and closed within the timeout")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"error\":"), "{answer}");
+    assert_eq!(t.store().delivery_count("convirza").await.unwrap(), 0);
+}

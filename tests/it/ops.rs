@@ -310,6 +310,21 @@ async fn admin_api_rules_runs_jobs_agents_and_fire_now() {
         .contains("T18:00:00-0"));
     assert_eq!(rules["shifts"][0]["name"], "front desk");
 
+    // Whether to send must be said: no live fire by default.
+    let r = t
+        .admin(Method::POST, "/api/rules/night%20greeting/fire")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(r.text().await.unwrap().contains("dry_run"));
+    let r = t
+        .admin(Method::GET, "/api/status?verbose=1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+
     // A dry run answers the PATCHes and records nothing.
     let dry: Value = t
         .admin(Method::POST, "/api/rules/night%20greeting/fire")

@@ -80,7 +80,6 @@ set = {{ status = "inactive" }}
         seen.push(line);
         if v["fields"]["message"] == "autopilot started" {
             let admin = v["fields"]["admin"].as_str().unwrap();
-            let admin = admin.trim_start_matches("Some(").trim_end_matches(')');
             break (
                 v["fields"]["addr"].as_str().unwrap().parse().unwrap(),
                 admin.parse().unwrap(),
