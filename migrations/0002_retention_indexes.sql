@@ -1,5 +1,4 @@
--- autopilot schema v2: indexes for retention pruning, the admin API's lookups and the
--- queue's claim (jobs in flight per agent).
+-- autopilot schema v2: indexes for retention pruning and the admin API's lookups.
 
 CREATE INDEX deliveries_received ON deliveries (received_at);
 CREATE INDEX rule_runs_created ON rule_runs (created_at);
@@ -7,4 +6,3 @@ CREATE INDEX rule_runs_delivery_id ON rule_runs (delivery_id) WHERE delivery_id 
 CREATE INDEX jobs_run ON jobs (run_id);
 CREATE INDEX jobs_agent ON jobs (agent_id, id);
 CREATE INDEX jobs_finished ON jobs (updated_at) WHERE status NOT IN ('pending', 'leased');
-CREATE INDEX jobs_leased ON jobs (agent_id) WHERE status = 'leased';

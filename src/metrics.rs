@@ -15,7 +15,7 @@ pub const CATALOG: &[(&str, &str, &str)] = &[
     ("autopilot_deliveries_duplicate_total", "counter", "Webhook deliveries recognised as duplicates (answered 200, no effect), per source."),
     ("autopilot_deliveries_rejected_total", "counter", "Webhook deliveries refused, per source and reason (unauthorized, unknown_source, too_large, unsupported_type, bad_body, rate_limited, storage_unavailable)."),
     ("autopilot_ingest_commits_total", "counter", "Transactions the group committer made (each one fsync)."),
-    ("autopilot_ingest_committed_deliveries_total", "counter", "Deliveries written by those transactions; divided by commits, the mean batch size."),
+    ("autopilot_ingest_committed_deliveries_total", "counter", "Deliveries those transactions stored (duplicates and failures not counted)."),
     ("autopilot_ingest_busy_seconds_total", "counter", "Time the group committer spent writing batches (waiting for the writer included); its rate near 1 means ingest is bound by the writer."),
     ("autopilot_rule_fires_total", "counter", "Rule runs recorded, per rule and trigger (schedule, webhook, shift, manual)."),
     ("autopilot_rule_skips_total", "counter", "Agents or fires a rule did not act on when it was evaluated, per rule and reason (missed, condition, in_place)."),

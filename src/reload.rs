@@ -94,13 +94,23 @@ impl LiveConfig {
         env: &[(String, String)],
         now: DateTime<Utc>,
     ) -> Result<ReloadReport, String> {
-        let loaded = Config::load(path, env);
+        // Only a regular file of sane size: a FIFO would block the read for ever, a huge
+        // file would eat the memory. (metadata follows symlinks and does not block.)
+        let loaded = match std::fs::metadata(path) {
+            Ok(m) if !m.is_file() => Err(format!("{} is not a regular file", path.display())),
+            Ok(m) if m.len() > MAX_CONFIG_BYTES => Err(format!(
+                "{} is {} bytes; a config is at most {MAX_CONFIG_BYTES}",
+                path.display(),
+                m.len()
+            )),
+            Ok(_) => Config::load(path, env).map_err(|e| e.to_string()),
+            Err(e) => Err(format!("cannot read {}: {e}", path.display())),
+        };
         let mut status = self.status.lock().unwrap_or_else(|e| e.into_inner());
         status.last_attempt_at = Some(now);
         let mut new = match loaded {
             Ok(c) => c,
-            Err(e) => {
-                let msg = e.to_string();
+            Err(msg) => {
                 status.last_error = Some(msg.clone());
                 self.metrics
                     .inc("autopilot_config_reloads_total", &[("result", "failed")]);
@@ -264,14 +274,28 @@ pub async fn watch(
                 info!("reload requested");
             }
             Some(()) = rx.recv() => {
-                // Let the writer finish, then take everything that queued up meanwhile.
-                tokio::time::sleep(DEBOUNCE).await;
-                while rx.try_recv().is_ok() {}
+                // Wait until the directory has been quiet for DEBOUNCE: a slow writer
+                // must not be read half-way.
+                loop {
+                    tokio::time::sleep(DEBOUNCE).await;
+                    let mut more = false;
+                    while rx.try_recv().is_ok() {
+                        more = true;
+                    }
+                    if !more {
+                        break;
+                    }
+                }
             }
         }
-        live.reload_and_log(&path, &env, clock.now());
+        // Reading is blocking I/O (and the file may be on a slow mount): off the runtime.
+        let (live, path, env, now) = (live.clone(), path.clone(), env.clone(), clock.now());
+        let _ = tokio::task::spawn_blocking(move || live.reload_and_log(&path, &env, now)).await;
     }
 }
 
-/// How long a burst of directory events may last and still cause one reload.
+/// Largest config file a reload reads.
+pub const MAX_CONFIG_BYTES: u64 = 10 << 20;
+
+/// How long the directory must stay quiet before a reload reads the file.
 pub const DEBOUNCE: Duration = Duration::from_millis(250);

@@ -183,6 +183,9 @@ pub async fn readiness(st: &AppState) -> (bool, Value) {
         }
     };
     checks.insert("database".into(), json!(database));
+    if st.store.ingest_failing() {
+        problems.push("webhook deliveries cannot be stored (the last attempt failed: disk full or read-only?); they are answered 503".to_string());
+    }
 
     let tick = st
         .metrics

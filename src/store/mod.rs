@@ -87,6 +87,16 @@ pub struct IngestStats {
     pub deliveries: AtomicU64,
     /// Time spent writing batches, from asking for the writer to the end of the commit.
     pub busy_micros: AtomicU64,
+    /// Wall-clock milliseconds of the last batch that committed, and of the last one in
+    /// which some delivery could not be stored (0: never).
+    pub last_ok: AtomicU64,
+    pub last_failure: AtomicU64,
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// A rule run to record, with the jobs it causes.
@@ -407,6 +417,14 @@ impl Store {
         }
     }
 
+    /// Is storing deliveries failing right now? The error answer of the last batch, if
+    /// it came after the last batch that committed and within the last minute.
+    pub fn ingest_failing(&self) -> bool {
+        let failure = self.ingest_stats.last_failure.load(Ordering::Relaxed);
+        let ok = self.ingest_stats.last_ok.load(Ordering::Relaxed);
+        failure > ok && unix_ms().saturating_sub(failure) < 60_000
+    }
+
     /// (transactions, deliveries, seconds busy) of the group committer.
     pub fn ingest_stats(&self) -> (u64, u64, f64) {
         (
@@ -483,7 +501,12 @@ impl Store {
             Some(r) => Some(serde_json::from_str(r.get::<&str, _>(0))?),
             None => None,
         };
-        self.cache_state(id, state.clone());
+        // Only if no writer cached a newer state meanwhile.
+        self.states
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(id)
+            .or_insert_with(|| state.clone());
         Ok(state)
     }
 
@@ -743,9 +766,13 @@ impl Store {
         )
         .bind(owner)
         .bind(lease_until)
-        .bind(now_ms)
-        .fetch_optional(&self.write)
-        .await?;
+        .bind(now_ms);
+        // In an explicit transaction: an autocommit `UPDATE … RETURNING` read with
+        // `fetch_optional` hands back the row before its commit, and a failed commit
+        // (disk full) would go unseen: the job would be sent without being leased.
+        let mut tx = self.begin().await?;
+        let row = row.fetch_optional(&mut *tx).await?;
+        tx.commit().await?;
         let Some(r) = row else { return Ok(None) };
         let guard: Option<String> = r.get("guard");
         Ok(Some(ClaimedJob {
@@ -1158,11 +1185,19 @@ async fn group_commit(
         stats
             .busy_micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
+        let accepted = outcomes
+            .iter()
+            .filter(|o| matches!(o, Ok(DeliveryOutcome::Accepted { .. })))
+            .count();
         if outcomes.iter().any(Result::is_ok) {
             stats.commits.fetch_add(1, Ordering::Relaxed);
             stats
                 .deliveries
-                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                .fetch_add(accepted as u64, Ordering::Relaxed);
+            stats.last_ok.store(unix_ms(), Ordering::Relaxed);
+        }
+        if outcomes.iter().any(Result::is_err) {
+            stats.last_failure.store(unix_ms(), Ordering::Relaxed);
         }
         for (pending, outcome) in batch.drain(..).zip(outcomes) {
             // A caller that went away (client hung up) learns nothing; its delivery is

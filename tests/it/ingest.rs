@@ -61,12 +61,35 @@ async fn a_delivery_the_database_refuses_gets_503_and_never_a_2xx() {
     let r = t.post_json("convirza", &unmatched("refused-1")).await;
     assert_eq!(r.status(), 503);
     assert_eq!(t.store().delivery_count("convirza").await.unwrap(), 0);
+    // Readiness says so while it lasts.
+    let ready = t
+        .http
+        .get(format!("http://{}/readyz", t.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert!(
+        body["problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("cannot be stored"),
+        "{body}"
+    );
     sqlx::query("DROP TRIGGER no_more")
         .execute(&mut other)
         .await
         .unwrap();
     let r = t.post_json("convirza", &unmatched("refused-1")).await;
     assert_eq!(r.status(), 202);
+    let ready = t
+        .http
+        .get(format!("http://{}/readyz", t.addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200, "ready again once a delivery is stored");
 }
 
 #[tokio::test]

@@ -80,7 +80,11 @@ async fn metrics_count_deliveries_patches_and_jobs() {
     assert_eq!(get("autopilot_dead_letters"), 0.0);
     assert_eq!(get("autopilot_oldest_due_job_age_seconds"), 0.0);
     assert!(get("autopilot_ingest_commits_total") >= 1.0);
-    assert_eq!(get("autopilot_ingest_committed_deliveries_total"), 2.0);
+    assert_eq!(
+        get("autopilot_ingest_committed_deliveries_total"),
+        1.0,
+        "the duplicate is not counted"
+    );
     assert_eq!(get("autopilot_config_last_reload_success"), 1.0);
     for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
         let mut parts = line.split(' ').skip(2);
@@ -675,6 +679,35 @@ async fn reload_in_place_rename_over_and_invalid() {
         t.app().live().status().last_error.is_some()
     })
     .await;
+    // Neither a FIFO (it would block the read) nor anything else but a file is read.
+    let fifo = t.dir.path().join("fifo.toml");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let refused = t
+        .app()
+        .live()
+        .reload(&fifo, &[], chrono::Utc::now())
+        .unwrap_err();
+    assert!(refused.contains("not a regular file"), "{refused}");
+    std::fs::write(
+        &path,
+        v2.replace(
+            "set = { greetings = \"Hi Seattle, v2\" }",
+            "set = { greeting = \"typo\" }",
+        ),
+    )
+    .unwrap();
+    eventually("the typo is reported", || async {
+        t.app()
+            .live()
+            .status()
+            .last_error
+            .is_some_and(|e| e.contains("greetings"))
+    })
+    .await;
     let err = t.app().live().status().last_error.unwrap();
     assert!(
         err.contains("autopilot.toml:") && err.contains("greetings"),
@@ -701,10 +734,8 @@ async fn reload_in_place_rename_over_and_invalid() {
         "{ready}"
     );
     let text = metrics_text(&t).await;
-    assert_eq!(
-        series(&text, "autopilot_config_reloads_total{result=\"failed\"}"),
-        Some(1.0)
-    );
+    // The FIFO and the typo (seen once or twice: written twice).
+    assert!(series(&text, "autopilot_config_reloads_total{result=\"failed\"}").unwrap() >= 2.0);
     assert_eq!(
         series(&text, "autopilot_config_last_reload_success"),
         Some(0.0)
