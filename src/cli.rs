@@ -652,9 +652,21 @@ fn plan(
 /// Asks the running daemon (at the config's `server.listen`, loopback for a wildcard
 /// address) whether it is ready. Needs no secrets.
 async fn healthcheck(path: &Path) -> anyhow::Result<()> {
-    let config = Config::load_offline(path, &env_vars())
-        .map_err(|e| anyhow::anyhow!("invalid configuration:\n{e}"))?;
-    let mut addr = config.server.listen;
+    // The daemon keeps running on its old config when the file on disk is broken (a
+    // failed reload): the health check must still find it, not fail on the file.
+    let env = env_vars();
+    let mut addr = match Config::load_offline(path, &env) {
+        Ok(config) => config.server.listen,
+        Err(e) => {
+            let addr = crate::config::listen_lenient(path, &env);
+            eprintln!(
+                "warning: {} does not load ({} error(s)); asking the daemon at {addr}",
+                path.display(),
+                e.to_string().lines().count()
+            );
+            addr
+        }
+    };
     if addr.ip().is_unspecified() {
         addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
     }

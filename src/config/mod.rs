@@ -322,6 +322,31 @@ pub fn database_path(path: &Path, env: &[(String, String)]) -> Result<PathBuf, C
     }
 }
 
+/// `[server] listen` of a config that may not load: the `AUTOPILOT_SERVER__LISTEN`
+/// override, else the first `listen = "…"` under `[server]`, else the default. For the
+/// health check only.
+pub fn listen_lenient(path: &Path, env: &[(String, String)]) -> SocketAddr {
+    let default: SocketAddr = ([127, 0, 0, 1], 8080).into();
+    if let Some((_, v)) = env.iter().find(|(k, _)| k == "AUTOPILOT_SERVER__LISTEN") {
+        return v.trim().trim_matches('"').parse().unwrap_or(default);
+    }
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut in_server = false;
+    for line in text.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_server = line == "[server]";
+        } else if in_server {
+            if let Some(v) = line.strip_prefix("listen").map(str::trim_start) {
+                if let Some(v) = v.strip_prefix('=') {
+                    let v = v.split('#').next().unwrap_or("").trim().trim_matches('"');
+                    return v.parse().unwrap_or(default);
+                }
+            }
+        }
+    }
+    default
+}
+
 /// Every error found in one config, each with its location.
 #[derive(Debug)]
 pub struct ConfigErrors {

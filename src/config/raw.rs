@@ -203,7 +203,14 @@ fn table_only<T: serde::de::DeserializeOwned>(v: toml::Value, shape: &str) -> Re
 impl TryFrom<toml::Value> for RawSecret {
     type Error = String;
     fn try_from(v: toml::Value) -> Result<Self, String> {
-        let f: SecretFields = table_only(v, SECRET_SHAPE)?;
+        // serde's own message would quote the offending value: it may be the secret.
+        let f: SecretFields = table_only(v, SECRET_SHAPE).map_err(|e| {
+            if e == SECRET_SHAPE {
+                e
+            } else {
+                "a secret's env, file and value must be strings, and nothing else may be given (the value is not shown)".to_string()
+            }
+        })?;
         Ok(RawSecret {
             env: f.env,
             file: f.file,

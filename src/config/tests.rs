@@ -358,3 +358,11 @@ fn whole_day_windows_reserved_names_and_one_report_per_overlap() {
     ));
     assert!(e.contains("reserved for shifts"), "{e}");
 }
+
+#[test]
+fn a_secret_of_the_wrong_type_is_not_echoed() {
+    let text = format!("{HEAD}[[sources]]\nname = \"s\"\nauth = {{ kind = \"basic\", username = \"u\", password = {{ value = 123456789012345 }} }}\n");
+    let e = errors(&text);
+    assert!(!e.contains("123456789012345"), "{e}");
+    assert!(e.contains("not shown"), "{e}");
+}

@@ -303,6 +303,19 @@ impl Scheduler {
                 Ok(()) = reloads.changed() => {
                     let old = config;
                     config = reloads.borrow_and_update().clone();
+                    // A rule whose schedule changed starts over from the reload, like a
+                    // new rule: instants of the new schedule before it are not "missed",
+                    // so an edit never fires at once.
+                    let now = self.clock.now();
+                    for rule in &config.rules {
+                        let before = old.rules.iter().find(|o| o.name == rule.name);
+                        let changed = before.is_some_and(|o| format!("{:?}", o.schedule()) != format!("{:?}", rule.schedule()));
+                        if changed && rule.schedule().is_some() {
+                            if let Err(e) = self.store.mark_fired_until(&rule.name, now).await {
+                                error!(rule = %rule.name, error = %e, "could not restart a changed schedule from now");
+                            }
+                        }
+                    }
                     // Each rule resumes from its stored last fire, exactly as at a
                     // restart: an unchanged rule keeps its next instant and an instant
                     // already fired (unique per rule and instant) never fires again.

@@ -321,6 +321,21 @@ async fn healthcheck_asks_the_running_daemon() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ready"));
+    // A broken edit on disk (the daemon keeps its old config) does not fail the check.
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("garbage = [\n");
+    std::fs::write(&config, text).unwrap();
+    let out = autopilot()
+        .args(["healthcheck", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not load"));
     drop(t);
     let closed = dir.path().join("closed.toml");
     std::fs::write(&closed, "[server]\nlisten = \"127.0.0.1:9\"\n[platform]\nbase_url = \"http://x/v3\"\ntoken = { value = \"x\" }\n").unwrap();

@@ -198,7 +198,7 @@ impl TestApp {
     }
 
     /// Writes the config to `<dir>/conf/autopilot.toml` and has the app watch it.
-    pub fn watch_config_file(&mut self) -> PathBuf {
+    pub async fn watch_config_file(&mut self) -> PathBuf {
         let dir = self.dir.path().join("conf");
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("autopilot.toml");
@@ -207,6 +207,8 @@ impl TestApp {
             .as_mut()
             .expect("app running")
             .watch_config(path.clone(), Vec::new());
+        // Let the watcher task set up its inotify watch before the test edits the file.
+        tokio::time::sleep(Duration::from_millis(100)).await;
         path
     }
 

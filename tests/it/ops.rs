@@ -627,7 +627,7 @@ fn replace_rules(config: &str, from: &str, to: &str) -> String {
 #[tokio::test]
 async fn reload_in_place_rename_over_and_invalid() {
     let mut t = spawn().await;
-    let path = t.watch_config_file();
+    let path = t.watch_config_file().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     // Written in place: a new rule takes effect.
@@ -796,7 +796,7 @@ async fn reload_on_request_never_fires_an_unchanged_rule_again_and_reapplies_a_c
         ..Options::default()
     })
     .await;
-    let path = t.watch_config_file();
+    let path = t.watch_config_file().await;
     t.manual
         .as_ref()
         .unwrap()
@@ -890,4 +890,34 @@ async fn shutdown_drains_an_in_flight_patch() {
         "the in-flight PATCH finished before the exit"
     );
     assert_eq!(t.patches().await.len(), 1);
+}
+
+#[tokio::test]
+async fn editing_a_rules_schedule_never_fires_it_at_once() {
+    // 17:27:48 UTC: a rule that fires once a year.
+    let mut t = spawn_with(Options {
+        rules: "[[rules]]\nname = \"edited\"\nschedule = { cron = \"0 0 1 1 *\", timezone = \"UTC\" }\nagents = [103]\nset = { notification_time = 20 }\n".into(),
+        manual_clock: Some("2026-12-03T17:27:48Z".parse().unwrap()),
+        ..Options::default()
+    })
+    .await;
+    let path = t.watch_config_file().await;
+    t.manual
+        .as_ref()
+        .unwrap()
+        .set("2026-12-03T17:29:30Z".parse().unwrap());
+    // Edited to 17:28 daily: 17:28 today is before the edit, not a missed fire.
+    std::fs::write(&path, t.config_text.replace("0 0 1 1 *", "28 17 * * *")).unwrap();
+    reloaded(&t, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(t.store().runs(Some("edited")).await.unwrap().is_empty());
+    // Tomorrow at 17:28 it fires.
+    t.manual
+        .as_ref()
+        .unwrap()
+        .set("2026-12-04T17:28:05Z".parse().unwrap());
+    eventually("the edited rule fires at its new time", || async {
+        t.store().runs(Some("edited")).await.unwrap().len() == 1
+    })
+    .await;
 }
