@@ -164,16 +164,18 @@ impl Queue {
     pub async fn run(self, worker: String, cancel: CancellationToken) {
         info!(worker = %worker, "queue worker started");
         while !cancel.is_cancelled() {
-            // Registered before the step, so a commit during the step still wakes us.
+            if self.step(&worker, &cancel).await == Outcome::Worked {
+                continue;
+            }
+            // Registered only now, while idle: `notify_one` wakes the first registered
+            // worker, and one busy with a PATCH must not take the wake-up meant for an
+            // idle one. A job committed between the step and the registration would be
+            // missed, so look once more before sleeping.
             let notified = self.notify.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            match self.run_once(&worker, &cancel).await {
-                Ok(Outcome::Worked) => continue,
-                Ok(Outcome::Idle) => {}
-                Err(e) => {
-                    warn!(worker = %worker, error = %e, "queue step failed; retrying shortly");
-                }
+            if self.step(&worker, &cancel).await == Outcome::Worked {
+                continue;
             }
             let now = self.clock.now();
             let next = match self.store.next_due().await {
@@ -195,6 +197,17 @@ impl Queue {
             }
         }
         info!(worker = %worker, "queue worker stopped");
+    }
+
+    /// [`Queue::run_once`], with a failed step logged and counted as idle.
+    async fn step(&self, worker: &str, cancel: &CancellationToken) -> Outcome {
+        match self.run_once(worker, cancel).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                warn!(worker = %worker, error = %e, "queue step failed; retrying shortly");
+                Outcome::Idle
+            }
+        }
     }
 
     async fn process(&self, job: &ClaimedJob) -> Finish {
