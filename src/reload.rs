@@ -43,6 +43,9 @@ pub struct ReloadReport {
     pub rules_added: Vec<String>,
     pub rules_changed: Vec<String>,
     pub rules_removed: Vec<String>,
+    /// Changed rules whose schedule itself changed (they start over from the reload).
+    pub schedules_changed: Vec<String>,
+    /// New or changed shifts.
     pub shifts_changed: Vec<String>,
     /// Sections that differ in the file but only take effect at the next restart.
     pub needs_restart: Vec<&'static str>,
@@ -159,13 +162,20 @@ impl LiveConfig {
 
 /// Rules and shifts compare by their whole definition (`Debug` holds every field, with
 /// secrets redacted); sections by theirs.
-fn compare(old: &Config, new: &Config) -> ReloadReport {
+pub fn compare(old: &Config, new: &Config) -> ReloadReport {
     let print = |r: &crate::rules::Rule| format!("{r:?}");
     let mut report = ReloadReport::default();
     for r in &new.rules {
         match old.rules.iter().find(|o| o.name == r.name) {
             None => report.rules_added.push(r.name.clone()),
-            Some(o) if print(o) != print(r) => report.rules_changed.push(r.name.clone()),
+            Some(o) if print(o) != print(r) => {
+                report.rules_changed.push(r.name.clone());
+                if r.schedule().is_some()
+                    && format!("{:?}", o.schedule()) != format!("{:?}", r.schedule())
+                {
+                    report.schedules_changed.push(r.name.clone());
+                }
+            }
             Some(_) => {}
         }
     }

@@ -505,7 +505,7 @@ async fn status(
 ) -> Result<Response, ApiError> {
     Filters::new(&params(query), &[])?;
     let (ready, readiness) = super::readiness(&st).await;
-    let (counts, _) = st.store.job_gauges(st.clock.now()).await.map_err(storage)?;
+    let counts = st.store.job_counts().await.map_err(storage)?;
     let jobs: serde_json::Map<String, Value> =
         counts.into_iter().map(|(s, n)| (s, json!(n))).collect();
     Ok(Json(json!({

@@ -69,7 +69,6 @@ impl Bucket {
     }
 }
 
-/// The buckets for a config's sources.
 /// Takes a token from the source's bucket (after a reload changed its limit, from a new
 /// bucket). `Err` says how long until one is there.
 fn take_token(
@@ -199,8 +198,8 @@ pub async fn readiness(st: &AppState) -> (bool, Value) {
     }
     checks.insert("scheduler_last_tick_seconds_ago".into(), json!(since_tick));
 
-    match st.store.job_gauges(now).await {
-        Ok((_, oldest)) => {
+    match st.store.oldest_due(now).await {
+        Ok(oldest) => {
             let age = oldest.map_or(0, |t| (now - t).num_seconds().max(0));
             let limit = config.queue.ready_max_due_age.as_secs() as i64;
             if age > limit {
@@ -247,17 +246,9 @@ pub const SCHEDULER_STALL: std::time::Duration = std::time::Duration::from_secs(
 async fn metrics(State(st): State<AppState>) -> Response {
     let now = st.clock.now();
     let mut gauges: Vec<crate::metrics::Gauge> = Vec::new();
-    match st.store.job_gauges(now).await {
-        Ok((counts, oldest)) => {
-            for state in [
-                "pending",
-                "leased",
-                "done",
-                "dead",
-                "expired",
-                "skipped",
-                "discarded",
-            ] {
+    match (st.store.job_counts().await, st.store.oldest_due(now).await) {
+        (Ok(counts), Ok(oldest)) => {
+            for state in crate::store::JobStatus::ALL.map(crate::store::JobStatus::as_str) {
                 let n = counts
                     .iter()
                     .find(|(s, _)| s == state)
@@ -274,7 +265,7 @@ async fn metrics(State(st): State<AppState>) -> Response {
             let age = oldest.map_or(0.0, |t| (now - t).num_milliseconds().max(0) as f64 / 1000.0);
             gauges.push(("autopilot_oldest_due_job_age_seconds", vec![], age));
         }
-        Err(e) => {
+        (Err(e), _) | (_, Err(e)) => {
             error!(error = %e, "metrics: cannot read the queue");
             return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cannot read the database")
                 .into_response();
@@ -399,16 +390,18 @@ async fn ingest(
 ) -> Response {
     // Only configured names become label values: a flood of made-up source names must
     // not grow the metrics without bound.
+    // One configuration for the whole request, even if a reload swaps it meanwhile.
+    let config = st.live.current();
     let source = match &segments {
         Ok(Path(s)) => s
             .first()
-            .filter(|n| st.live.current().source(n).is_some())
+            .filter(|n| config.source(n).is_some())
             .cloned()
             .unwrap_or_default(),
         Err(_) => String::new(),
     };
     let metrics = st.metrics.clone();
-    let resp = ingest_one(st, segments, uri, headers, body)
+    let resp = ingest_one(st, &config, segments, uri, headers, body)
         .await
         .unwrap_or_else(IntoResponse::into_response);
     let status = resp.status();
@@ -445,6 +438,7 @@ async fn ingest(
 
 async fn ingest_one(
     st: AppState,
+    config: &crate::config::Config,
     segments: Result<Path<Vec<String>>, axum::extract::rejection::PathRejection>,
     uri: Uri,
     headers: HeaderMap,
@@ -465,8 +459,6 @@ async fn ingest_one(
         }
     };
     let body = body.map_err(|e| ApiError::new(e.status(), e.body_text()))?;
-    // One configuration for the whole request, even if a reload swaps it meanwhile.
-    let config = st.live.current();
     let Some(source) = config.source(&source_name) else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,

@@ -303,17 +303,14 @@ impl Scheduler {
                 Ok(()) = reloads.changed() => {
                     let old = config;
                     config = reloads.borrow_and_update().clone();
+                    let changes = crate::reload::compare(&old, &config);
                     // A rule whose schedule changed starts over from the reload, like a
                     // new rule: instants of the new schedule before it are not "missed",
                     // so an edit never fires at once.
                     let now = self.clock.now();
-                    for rule in &config.rules {
-                        let before = old.rules.iter().find(|o| o.name == rule.name);
-                        let changed = before.is_some_and(|o| format!("{:?}", o.schedule()) != format!("{:?}", rule.schedule()));
-                        if changed && rule.schedule().is_some() {
-                            if let Err(e) = self.store.mark_fired_until(&rule.name, now).await {
-                                error!(rule = %rule.name, error = %e, "could not restart a changed schedule from now");
-                            }
+                    for name in &changes.schedules_changed {
+                        if let Err(e) = self.store.mark_fired_until(name, now).await {
+                            error!(rule = %name, error = %e, "could not restart a changed schedule from now");
                         }
                     }
                     // Each rule resumes from its stored last fire, exactly as at a
@@ -324,11 +321,8 @@ impl Scheduler {
                         Err(e) => error!(error = %e, "could not read the rules' last fires after a reload; keeping the old plan"),
                     }
                     shift_next.retain(|name, _| config.shifts.iter().any(|s| &s.name == name));
-                    for shift in &config.shifts {
-                        let same = old.shifts.iter().any(|o| format!("{o:?}") == format!("{shift:?}"));
-                        if !same {
-                            shift_changed.insert(shift.name.clone(), self.clock.now());
-                        }
+                    for name in changes.shifts_changed {
+                        shift_changed.insert(name, now);
                     }
                 }
             }

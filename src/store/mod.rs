@@ -256,6 +256,16 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
+    pub const ALL: [JobStatus; 7] = [
+        JobStatus::Pending,
+        JobStatus::Leased,
+        JobStatus::Done,
+        JobStatus::Dead,
+        JobStatus::Expired,
+        JobStatus::Skipped,
+        JobStatus::Discarded,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             JobStatus::Pending => "pending",
@@ -434,25 +444,26 @@ impl Store {
         )
     }
 
-    /// Jobs per state, and when the oldest due pending job became due.
-    pub async fn job_gauges(
-        &self,
-        now: DateTime<Utc>,
-    ) -> Result<(Vec<(String, i64)>, Option<DateTime<Utc>>)> {
+    /// Jobs per state.
+    pub async fn job_counts(&self) -> Result<Vec<(String, i64)>> {
         let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM jobs GROUP BY status")
             .fetch_all(&self.read)
             .await?;
-        let counts = rows
+        Ok(rows
             .iter()
             .map(|r| (r.get::<String, _>("status"), r.get::<i64, _>("n")))
-            .collect();
+            .collect())
+    }
+
+    /// When the oldest pending job that is due by `now` became due.
+    pub async fn oldest_due(&self, now: DateTime<Utc>) -> Result<Option<DateTime<Utc>>> {
         let oldest: Option<i64> = sqlx::query_scalar(
             "SELECT MIN(next_attempt_at) FROM jobs WHERE status = 'pending' AND next_attempt_at <= ?",
         )
         .bind(ms(now))
         .fetch_one(&self.read)
         .await?;
-        Ok((counts, oldest.map(from_ms)))
+        Ok(oldest.map(from_ms))
     }
 
     pub async fn close(&self) {

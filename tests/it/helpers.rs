@@ -224,6 +224,36 @@ impl TestApp {
             .bearer_auth(ADMIN_TOKEN)
     }
 
+    /// `GET` on the admin API, answered as JSON.
+    pub async fn admin_json(&self, path: &str) -> Value {
+        self.admin(reqwest::Method::GET, path)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    /// `GET /readyz`: status and body.
+    pub async fn readyz(&self) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("http://{}/readyz", self.addr))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap())
+    }
+
+    /// A second connection to the app's database, as another process would have.
+    pub async fn other_connection(&self) -> sqlx::SqliteConnection {
+        use sqlx::Connection;
+        sqlx::SqliteConnection::connect(&format!("sqlite://{}", self.db_path().display()))
+            .await
+            .unwrap()
+    }
+
     pub fn store(&self) -> &autopilot::store::Store {
         self.app.as_ref().expect("app running").store()
     }

@@ -2,7 +2,6 @@
 
 use crate::helpers::*;
 use serde_json::json;
-use sqlx::Connection;
 
 /// A delivery no rule matches: stored, but no job.
 fn unmatched(call_id: &str) -> serde_json::Value {
@@ -23,9 +22,7 @@ async fn a_database_that_cannot_commit_gets_503_and_the_retry_is_stored_once() {
     })
     .await;
     // Another process holds the write lock longer than our busy timeout.
-    let mut other = sqlx::SqliteConnection::connect(&format!("sqlite://{}", t.db_path().display()))
-        .await
-        .unwrap();
+    let mut other = t.other_connection().await;
     sqlx::query("BEGIN IMMEDIATE")
         .execute(&mut other)
         .await
@@ -51,9 +48,7 @@ async fn a_database_that_cannot_commit_gets_503_and_the_retry_is_stored_once() {
 async fn a_delivery_the_database_refuses_gets_503_and_never_a_2xx() {
     let t = spawn().await;
     // Another process makes every insert fail, as a full disk would.
-    let mut other = sqlx::SqliteConnection::connect(&format!("sqlite://{}", t.db_path().display()))
-        .await
-        .unwrap();
+    let mut other = t.other_connection().await;
     sqlx::query("CREATE TRIGGER no_more BEFORE INSERT ON deliveries BEGIN SELECT RAISE(ABORT, 'disk full (simulated)'); END")
         .execute(&mut other)
         .await
@@ -62,14 +57,8 @@ async fn a_delivery_the_database_refuses_gets_503_and_never_a_2xx() {
     assert_eq!(r.status(), 503);
     assert_eq!(t.store().delivery_count("convirza").await.unwrap(), 0);
     // Readiness says so while it lasts.
-    let ready = t
-        .http
-        .get(format!("http://{}/readyz", t.addr))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 503);
-    let body: serde_json::Value = ready.json().await.unwrap();
+    let (status, body) = t.readyz().await;
+    assert_eq!(status, 503);
     assert!(
         body["problems"][0]
             .as_str()
@@ -83,13 +72,11 @@ async fn a_delivery_the_database_refuses_gets_503_and_never_a_2xx() {
         .unwrap();
     let r = t.post_json("convirza", &unmatched("refused-1")).await;
     assert_eq!(r.status(), 202);
-    let ready = t
-        .http
-        .get(format!("http://{}/readyz", t.addr))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 200, "ready again once a delivery is stored");
+    assert_eq!(
+        t.readyz().await.0,
+        200,
+        "ready again once a delivery is stored"
+    );
 }
 
 #[tokio::test]

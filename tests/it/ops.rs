@@ -130,15 +130,7 @@ async fn readyz_names_what_is_wrong() {
         ..Options::default()
     })
     .await;
-    let ready = |t: &TestApp| {
-        let url = format!("http://{}/readyz", t.addr);
-        let http = t.http.clone();
-        async move {
-            let r = http.get(url).send().await.unwrap();
-            (r.status().as_u16(), r.json::<Value>().await.unwrap())
-        }
-    };
-    let (status, body) = ready(&t).await;
+    let (status, body) = t.readyz().await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], "ready");
     assert_eq!(body["checks"]["database"], "ok");
@@ -163,7 +155,7 @@ async fn readyz_names_what_is_wrong() {
     .await;
     t.manual.as_ref().unwrap().advance(Duration::from_secs(400));
     eventually("readyz reports the stuck job", || async {
-        let (status, body) = ready(&t).await;
+        let (status, body) = t.readyz().await;
         status == 503
             && body["problems"]
                 .as_array()
@@ -175,7 +167,7 @@ async fn readyz_names_what_is_wrong() {
 
     // The scheduler is alive (it ticks on the manual clock too); a stall would show up
     // as its own problem with the seconds since the last tick.
-    let (_, body) = ready(&t).await;
+    let (_, body) = t.readyz().await;
     assert!(
         body["checks"]["scheduler_last_tick_seconds_ago"]
             .as_i64()
@@ -186,27 +178,18 @@ async fn readyz_names_what_is_wrong() {
 
 #[tokio::test]
 async fn readyz_fails_while_the_database_is_locked_by_another_process() {
-    use sqlx::Connection;
     let t = spawn_with(Options {
         database_extra: "busy_timeout = \"200ms\"\n".into(),
         ..Options::default()
     })
     .await;
-    let mut other = sqlx::SqliteConnection::connect(&format!("sqlite://{}", t.db_path().display()))
-        .await
-        .unwrap();
+    let mut other = t.other_connection().await;
     sqlx::query("BEGIN EXCLUSIVE")
         .execute(&mut other)
         .await
         .unwrap();
-    let r = t
-        .http
-        .get(format!("http://{}/readyz", t.addr))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 503);
-    let body: Value = r.json().await.unwrap();
+    let (status, body) = t.readyz().await;
+    assert_eq!(status, 503);
     assert!(body["problems"]
         .as_array()
         .unwrap()
@@ -291,14 +274,7 @@ async fn admin_api_rules_runs_jobs_agents_and_fire_now() {
     })
     .await;
     // Rules with their next fires; shifts with the stretch in force.
-    let rules: Value = t
-        .admin(Method::GET, "/api/rules")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rules: Value = t.admin_json("/api/rules").await;
     let night = rules["rules"]
         .as_array()
         .unwrap()
@@ -427,14 +403,7 @@ async fn admin_api_rules_runs_jobs_agents_and_fire_now() {
         .contains("no rule named"));
 
     // The audit trail, filtered by rule and by agent, with the jobs' outcomes.
-    let runs: Value = t
-        .admin(Method::GET, "/api/runs?rule=night%20greeting")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let runs: Value = t.admin_json("/api/runs?rule=night%20greeting").await;
     let runs = runs["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 1);
     assert!(runs[0]["detail"].as_str().unwrap().contains("admin API"));
@@ -444,14 +413,7 @@ async fn admin_api_rules_runs_jobs_agents_and_fire_now() {
         .unwrap()
         .iter()
         .all(|j| j["status"] == "done"));
-    let by_agent: Value = t
-        .admin(Method::GET, "/api/runs?agent=102")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let by_agent: Value = t.admin_json("/api/runs?agent=102").await;
     assert!(by_agent["runs"]
         .as_array()
         .unwrap()
@@ -461,14 +423,7 @@ async fn admin_api_rules_runs_jobs_agents_and_fire_now() {
             .unwrap()
             .iter()
             .any(|j| j["agent_id"] == 102)));
-    let future: Value = t
-        .admin(Method::GET, "/api/runs?since=2099-01-01T00:00:00Z")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let future: Value = t.admin_json("/api/runs?since=2099-01-01T00:00:00Z").await;
     assert!(future["runs"].as_array().unwrap().is_empty());
     let bad = t
         .admin(Method::GET, "/api/runs?since=yesterday")
@@ -492,25 +447,11 @@ async fn admin_api_rules_runs_jobs_agents_and_fire_now() {
     assert_eq!(typo.status(), 400);
 
     // Jobs by state; one job with its attempts; the agent's state and history.
-    let done: Value = t
-        .admin(Method::GET, "/api/jobs?state=done")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let done: Value = t.admin_json("/api/jobs?state=done").await;
     let done = done["jobs"].as_array().unwrap();
     assert!(done.len() >= 2);
     let id = done[0]["id"].as_i64().unwrap();
-    let job: Value = t
-        .admin(Method::GET, &format!("/api/jobs/{id}"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let job: Value = t.admin_json(&format!("/api/jobs/{id}")).await;
     assert_eq!(job["attempts"][0]["http_status"], 200);
     let bad = t
         .admin(Method::GET, "/api/jobs?state=finished")
@@ -518,14 +459,7 @@ async fn admin_api_rules_runs_jobs_agents_and_fire_now() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
-    let agent: Value = t
-        .admin(Method::GET, "/api/agents/102")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let agent: Value = t.admin_json("/api/agents/102").await;
     assert_eq!(
         agent["last_known"]["settings"]["greetings"],
         "We are closed."
@@ -713,15 +647,7 @@ async fn reload_in_place_rename_over_and_invalid() {
         err.contains("autopilot.toml:") && err.contains("greetings"),
         "{err}"
     );
-    let ready: Value = t
-        .http
-        .get(format!("http://{}/readyz", t.addr))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, ready) = t.readyz().await;
     assert_eq!(
         ready["status"], "ready",
         "a bad reload does not take the daemon out"
