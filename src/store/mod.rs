@@ -68,15 +68,18 @@ fn connect_options(path: &Path, busy_timeout: Duration) -> SqliteConnectOptions 
 pub struct Store {
     write: SqlitePool,
     read: SqlitePool,
-    /// To the group committer, which owns every delivery write.
-    ingest: mpsc::Sender<PendingDelivery>,
+    /// To the group committer, which writes every delivery and every claim and outcome
+    /// of a queue job.
+    writes: mpsc::Sender<Write>,
     /// Transactions the group committer made, and deliveries they held.
     ingest_stats: Arc<IngestStats>,
     /// Each agent's last known state as stored (`None`: none stored), read on every
     /// webhook. This process is the only writer of `agent_states` (one daemon per
     /// database), and the cache is updated after each commit that changes a state.
-    states: Arc<std::sync::RwLock<HashMap<i64, Option<Value>>>>,
+    states: Arc<StateCache>,
 }
+
+type StateCache = std::sync::RwLock<HashMap<i64, Option<Value>>>;
 
 /// Agents whose state is cached at most; beyond that the cache starts over.
 const STATE_CACHE_MAX: usize = 100_000;
@@ -85,7 +88,8 @@ const STATE_CACHE_MAX: usize = 100_000;
 pub struct IngestStats {
     pub commits: AtomicU64,
     pub deliveries: AtomicU64,
-    /// Time spent writing batches, from asking for the writer to the end of the commit.
+    /// Time spent writing batches (deliveries and the queue's claims and outcomes), from
+    /// asking for the writer to the end of the commit.
     pub busy_micros: AtomicU64,
     /// Wall-clock milliseconds of the last batch that committed, and of the last one in
     /// which some delivery could not be stored (0: never).
@@ -415,15 +419,21 @@ impl Store {
     }
 
     fn with_pools(write: SqlitePool, read: SqlitePool) -> Store {
-        let (ingest, rx) = mpsc::channel(4 * MAX_BATCH);
+        let (writes, rx) = mpsc::channel(4 * MAX_BATCH);
         let ingest_stats = Arc::new(IngestStats::default());
-        tokio::spawn(group_commit(write.clone(), rx, ingest_stats.clone()));
+        let states = Arc::new(std::sync::RwLock::default());
+        tokio::spawn(group_commit(
+            write.clone(),
+            rx,
+            ingest_stats.clone(),
+            states.clone(),
+        ));
         Store {
             write,
             read,
-            ingest,
+            writes,
             ingest_stats,
-            states: Arc::default(),
+            states,
         }
     }
 
@@ -527,11 +537,7 @@ impl Store {
     }
 
     fn cache_state(&self, id: i64, state: Option<Value>) {
-        let mut cache = self.states.write().unwrap_or_else(|e| e.into_inner());
-        if cache.len() >= STATE_CACHE_MAX && !cache.contains_key(&id) {
-            cache.clear();
-        }
-        cache.insert(id, state);
+        cache_state(&self.states, id, state);
     }
 
     pub async fn save_agent_state(
@@ -601,13 +607,14 @@ impl Store {
             runs: runs.to_vec(),
             reply,
         };
-        self.ingest
-            .send(pending)
-            .await
-            .map_err(|_| StoreError::Commit("the delivery writer has stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Commit("the delivery writer has stopped".into()))?
+        self.submit(Write::Delivery(pending), answer).await
+    }
+
+    /// Hands a write to the group committer and waits for its outcome (after the commit).
+    async fn submit<T>(&self, w: Write, answer: oneshot::Receiver<Result<T>>) -> Result<T> {
+        let stopped = || StoreError::Commit("the database writer has stopped".into());
+        self.writes.send(w).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     /// Deletes what is older than `before`: finished jobs and their attempts, runs left
@@ -732,131 +739,38 @@ impl Store {
     // ---- queue -------------------------------------------------------------------
 
     /// Leases the next sendable job. A job is sendable when it is due and it heads its
-    /// agent's line: no earlier-caused job of the
-    /// same agent is unfinished. So each agent has at most one job in flight, and its
-    /// jobs go out in cause order.
+    /// agent's line: no earlier-caused job of the same agent is unfinished. So each agent
+    /// has at most one job in flight, and its jobs go out in cause order. Written by the
+    /// group committer, in the transaction (and under the fsync) of whatever else is
+    /// waiting; the job is handed out only after that commit.
     pub async fn claim(
         &self,
         owner: &str,
         now: DateTime<Utc>,
         lease: Duration,
     ) -> Result<Option<ClaimedJob>> {
-        let now_ms = ms(now);
-        let lease_until = now_ms + lease.as_millis() as i64;
-        let row = sqlx::query(
-            "UPDATE jobs SET status = 'leased', lease_owner = ?1, lease_until = ?2,
-                    attempts = attempts + 1, updated_at = ?3
-             WHERE id = (
-                -- Every agent with open jobs (one index seek each), then each agent's
-                -- head of line; only a pending, due head can go. Work grows with the
-                -- number of agents, not with the length of their lines.
-                WITH RECURSIVE agents(agent_id) AS (
-                    SELECT (SELECT agent_id FROM jobs INDEXED BY jobs_line
-                            WHERE status IN ('pending', 'leased') ORDER BY agent_id LIMIT 1)
-                    UNION ALL
-                    SELECT (SELECT agent_id FROM jobs INDEXED BY jobs_line
-                            WHERE status IN ('pending', 'leased') AND agent_id > agents.agent_id
-                            ORDER BY agent_id LIMIT 1)
-                    FROM agents WHERE agents.agent_id IS NOT NULL),
-                heads(id) AS (
-                    SELECT (SELECT k.id FROM jobs k INDEXED BY jobs_line
-                            WHERE k.agent_id = agents.agent_id AND k.status IN ('pending', 'leased')
-                            ORDER BY k.cause_at, k.id LIMIT 1)
-                    FROM agents WHERE agents.agent_id IS NOT NULL)
-                SELECT j.id FROM heads CROSS JOIN jobs j ON j.id = heads.id
-                WHERE j.status = 'pending' AND j.next_attempt_at <= ?3
-                  -- A job caused earlier may have arrived while a later one was in flight.
-                  AND NOT EXISTS (
-                      SELECT 1 FROM jobs l INDEXED BY jobs_leased
-                      WHERE l.agent_id = j.agent_id AND l.status = 'leased'
-                        AND l.id != j.id AND l.lease_until > ?3)
-                ORDER BY j.next_attempt_at, j.id
-                LIMIT 1)
-             RETURNING id, run_id, agent_id, fields, guard, valid_until, attempts, created_at,
-                       (SELECT rule FROM rule_runs r WHERE r.id = run_id) AS rule",
-        )
-        .bind(owner)
-        .bind(lease_until)
-        .bind(now_ms);
-        // In an explicit transaction: an autocommit `UPDATE … RETURNING` read with
-        // `fetch_optional` hands back the row before its commit, and a failed commit
-        // (disk full) would go unseen: the job would be sent without being leased.
-        let mut tx = self.begin().await?;
-        let row = row.fetch_optional(&mut *tx).await?;
-        tx.commit().await?;
-        let Some(r) = row else { return Ok(None) };
-        let guard: Option<String> = r.get("guard");
-        Ok(Some(ClaimedJob {
-            id: r.get("id"),
-            run_id: r.get("run_id"),
-            rule: r.get("rule"),
-            agent_id: r.get("agent_id"),
-            fields: serde_json::from_str(r.get::<&str, _>("fields"))?,
-            guard: guard.map(|g| serde_json::from_str(&g)).transpose()?,
-            valid_until: r.get::<Option<i64>, _>("valid_until").map(from_ms),
-            attempt: r.get::<i64, _>("attempts") as u32,
-            created_at: from_ms(r.get("created_at")),
-            lease_owner: owner.to_string(),
-        }))
+        let (reply, answer) = oneshot::channel();
+        let claim = PendingClaim {
+            owner: owner.to_string(),
+            now,
+            lease,
+            reply,
+        };
+        self.submit(Write::Claim(claim), answer).await
     }
 
     /// Ends an attempt: the job's next state, its attempt row and (on success) the agent's
-    /// new state, in one transaction. Returns false if the lease was lost meanwhile (the
-    /// job was rescued by another worker after its lease ran out): then nothing changes.
+    /// new state, together, through the group committer. Returns false if the lease was
+    /// lost meanwhile (the job was rescued by another worker after its lease ran out):
+    /// then nothing changes.
     pub async fn finish(&self, job: &ClaimedJob, f: &Finish) -> Result<bool> {
-        let mut tx = self.begin().await?;
-        let updated = sqlx::query(
-            "UPDATE jobs SET status = ?, next_attempt_at = COALESCE(?, next_attempt_at),
-                    last_status = COALESCE(?, last_status), last_error = ?,
-                    request_id = COALESCE(?, request_id),
-                    lease_owner = NULL, lease_until = NULL, updated_at = ?
-             WHERE id = ? AND lease_owner = ? AND status = 'leased'",
-        )
-        .bind(f.status.as_str())
-        .bind(f.next_attempt_at.map(ms))
-        .bind(f.http_status.map(i64::from))
-        .bind(&f.error)
-        .bind(&f.request_id)
-        .bind(ms(f.finished_at))
-        .bind(job.id)
-        .bind(&job.lease_owner)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        if updated == 0 {
-            tx.rollback().await?;
-            return Ok(false);
-        }
-        if f.attempted {
-            sqlx::query(
-                "INSERT INTO job_attempts (job_id, attempt, started_at, finished_at, http_status, request_id, outcome, error)
-                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            )
-            .bind(job.id)
-            .bind(i64::from(job.attempt))
-            .bind(ms(f.started_at))
-            .bind(ms(f.finished_at))
-            .bind(f.http_status.map(i64::from))
-            .bind(&f.request_id)
-            .bind(f.status.as_str())
-            .bind(&f.error)
-            .execute(&mut *tx)
-            .await?;
-        } else {
-            // Nothing was sent: the claim's attempt count is given back.
-            sqlx::query("UPDATE jobs SET attempts = attempts - 1 WHERE id = ?")
-                .bind(job.id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        if let Some(state) = &f.new_state {
-            upsert_state(&mut tx, job.agent_id, state, "patch", f.finished_at).await?;
-        }
-        tx.commit().await?;
-        if let Some(state) = &f.new_state {
-            self.cache_state(job.agent_id, Some(state.clone()));
-        }
-        Ok(true)
+        let (reply, answer) = oneshot::channel();
+        let finish = PendingFinish {
+            job: job.clone(),
+            finish: f.clone(),
+            reply,
+        };
+        self.submit(Write::Finish(finish), answer).await
     }
 
     /// When the queue next has something to do: the earliest due pending job.
@@ -1168,6 +1082,22 @@ async fn upsert_state(
     Ok(())
 }
 
+/// Sets an agent's state in the cache, which starts over when it holds too many.
+fn cache_state(states: &StateCache, id: i64, state: Option<Value>) {
+    let mut cache = states.write().unwrap_or_else(|e| e.into_inner());
+    if cache.len() >= STATE_CACHE_MAX && !cache.contains_key(&id) {
+        cache.clear();
+    }
+    cache.insert(id, state);
+}
+
+/// A write waiting for the group committer.
+enum Write {
+    Delivery(PendingDelivery),
+    Claim(PendingClaim),
+    Finish(PendingFinish),
+}
+
 /// One delivery waiting for the group committer, with where to send its outcome.
 struct PendingDelivery {
     delivery: NewDelivery,
@@ -1175,133 +1105,222 @@ struct PendingDelivery {
     reply: oneshot::Sender<Result<DeliveryOutcome>>,
 }
 
-/// Most deliveries committed in one transaction.
+/// A queue worker waiting for a job.
+struct PendingClaim {
+    owner: String,
+    now: DateTime<Utc>,
+    lease: Duration,
+    reply: oneshot::Sender<Result<Option<ClaimedJob>>>,
+}
+
+/// A queue worker's attempt outcome waiting to be recorded.
+struct PendingFinish {
+    job: ClaimedJob,
+    finish: Finish,
+    reply: oneshot::Sender<Result<bool>>,
+}
+
+/// The writes of one transaction, in the order they are written: deliveries (so their
+/// new jobs can be claimed), then outcomes (so a finished job frees its agent's line),
+/// then claims.
+#[derive(Default)]
+struct Batch {
+    deliveries: Vec<PendingDelivery>,
+    finishes: Vec<PendingFinish>,
+    claims: Vec<PendingClaim>,
+}
+
+/// One outcome per write of a [`Batch`], in its order.
+struct BatchOutcome {
+    deliveries: Vec<Result<DeliveryOutcome>>,
+    finishes: Vec<Result<bool>>,
+    claims: Vec<Result<Option<ClaimedJob>>>,
+}
+
+impl BatchOutcome {
+    /// Every write failed: the transaction did not commit, or cannot be trusted.
+    fn failed(batch: &Batch, e: &dyn std::fmt::Display) -> BatchOutcome {
+        let err = || StoreError::Commit(e.to_string());
+        BatchOutcome {
+            deliveries: batch.deliveries.iter().map(|_| Err(err())).collect(),
+            finishes: batch.finishes.iter().map(|_| Err(err())).collect(),
+            claims: batch.claims.iter().map(|_| Err(err())).collect(),
+        }
+    }
+}
+
+/// Most writes committed in one transaction.
 const MAX_BATCH: usize = 256;
 
-/// The group committer: takes every delivery waiting in the channel (up to
-/// [`MAX_BATCH`]), writes them in one `BEGIN IMMEDIATE` transaction, each inside its own
-/// savepoint (so one failing delivery does not take the others down), commits once, and
-/// only then answers each caller. While a batch commits, the next one gathers: the
-/// busier the endpoint, the more deliveries share an fsync. Runs until every [`Store`]
-/// clone is dropped.
+/// The group committer: takes every write waiting in the channel (up to [`MAX_BATCH`]):
+/// deliveries, and the queue workers' claims and outcomes; writes them in one
+/// `BEGIN IMMEDIATE` transaction, commits once, and only then answers each caller. While
+/// a batch commits, the next one gathers: the busier the daemon, the more writes share
+/// an fsync. Runs until every [`Store`] clone is dropped.
 async fn group_commit(
     pool: SqlitePool,
-    mut rx: mpsc::Receiver<PendingDelivery>,
+    mut rx: mpsc::Receiver<Write>,
     stats: Arc<IngestStats>,
+    states: Arc<StateCache>,
 ) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    let mut incoming = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut incoming, MAX_BATCH).await > 0 {
+        let mut batch = Batch::default();
+        for w in incoming.drain(..) {
+            match w {
+                Write::Delivery(d) => batch.deliveries.push(d),
+                Write::Claim(c) => batch.claims.push(c),
+                Write::Finish(f) => batch.finishes.push(f),
+            }
+        }
         let started = std::time::Instant::now();
-        let outcomes = commit_batch(&pool, &batch).await;
+        let out = commit_batch(&pool, &batch).await;
         stats
             .busy_micros
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
-        let accepted = outcomes
+        let accepted = out
+            .deliveries
             .iter()
             .filter(|o| matches!(o, Ok(DeliveryOutcome::Accepted { .. })))
             .count();
-        if outcomes.iter().any(Result::is_ok) {
+        if out.deliveries.iter().any(Result::is_ok) {
             stats.commits.fetch_add(1, Ordering::Relaxed);
             stats
                 .deliveries
                 .fetch_add(accepted as u64, Ordering::Relaxed);
             stats.last_ok.store(unix_ms(), Ordering::Relaxed);
         }
-        if outcomes.iter().any(Result::is_err) {
+        if out.deliveries.iter().any(Result::is_err) {
             stats.last_failure.store(unix_ms(), Ordering::Relaxed);
         }
-        for (pending, outcome) in batch.drain(..).zip(outcomes) {
-            // A caller that went away (client hung up) learns nothing; its delivery is
-            // committed and a retry by the sender is answered as a duplicate.
+        // A caller that went away (an HTTP client hung up) learns nothing; its delivery
+        // is committed and a retry by the sender is answered as a duplicate.
+        for (pending, outcome) in batch.deliveries.into_iter().zip(out.deliveries) {
+            let _ = pending.reply.send(outcome);
+        }
+        for (pending, outcome) in batch.finishes.into_iter().zip(out.finishes) {
+            if let (Ok(true), Some(state)) = (&outcome, &pending.finish.new_state) {
+                cache_state(&states, pending.job.agent_id, Some(state.clone()));
+            }
+            let _ = pending.reply.send(outcome);
+        }
+        for (pending, outcome) in batch.claims.into_iter().zip(out.claims) {
             let _ = pending.reply.send(outcome);
         }
     }
 }
 
-/// Writes a batch in one transaction; one outcome per delivery, in order. A delivery
-/// reported accepted is committed; on any doubt the answer is an error (503), never a
-/// success for something that did not commit.
-async fn commit_batch(
-    pool: &SqlitePool,
-    batch: &[PendingDelivery],
-) -> Vec<Result<DeliveryOutcome>> {
-    let failed = |e: &dyn std::fmt::Display| {
-        (0..batch.len())
-            .map(|_| Err(StoreError::Commit(e.to_string())))
-            .collect()
-    };
-    let mut tx = match pool.begin_with("BEGIN IMMEDIATE").await {
+/// Writes a batch in one transaction; one outcome per write, in order. A write reported
+/// done is committed; on any doubt the answer is an error (for a delivery, a 503), never
+/// a success for something that did not commit.
+///
+/// Deliveries without an event time (no per-agent order to check) go in with three
+/// statements for all of them ([`insert_bulk`]). If that fails, the transaction starts
+/// over and every write takes its own savepoint, so one bad write cannot take the others
+/// down; so do deliveries with an event time, claims and outcomes.
+async fn commit_batch(pool: &SqlitePool, batch: &Batch) -> BatchOutcome {
+    let begin = || pool.begin_with("BEGIN IMMEDIATE");
+    let mut tx = match begin().await {
         Ok(tx) => tx,
-        Err(e) => return failed(&e),
+        Err(e) => return BatchOutcome::failed(batch, &e),
     };
-    let mut outcomes: Vec<Option<Result<DeliveryOutcome>>> = batch.iter().map(|_| None).collect();
-    // The fast path: every delivery without an event time (no per-agent order to check)
-    // in three statements for the whole batch. If it fails, it is undone and those
-    // deliveries take the slow path, each in its own savepoint, so one bad delivery
-    // cannot take the others down.
-    let bulk: Vec<usize> = (0..batch.len())
-        .filter(|i| batch[*i].delivery.event_at.is_none())
+    let mut deliveries: Vec<Option<Result<DeliveryOutcome>>> =
+        batch.deliveries.iter().map(|_| None).collect();
+    let bulk: Vec<usize> = (0..batch.deliveries.len())
+        .filter(|i| batch.deliveries[*i].delivery.event_at.is_none())
         .collect();
     if bulk.len() > 1 {
-        if let Err(e) = sqlx::query("SAVEPOINT bulk").execute(&mut *tx).await {
-            return failed(&e);
-        }
-        match insert_bulk(&mut tx, batch, &bulk).await {
+        match insert_bulk(&mut tx, &batch.deliveries, &bulk).await {
             Ok(done) => {
-                if let Err(e) = sqlx::query("RELEASE bulk").execute(&mut *tx).await {
-                    return failed(&e);
-                }
                 for (i, outcome) in bulk.iter().zip(done) {
-                    outcomes[*i] = Some(Ok(outcome));
+                    deliveries[*i] = Some(Ok(outcome));
                 }
             }
             Err(e) => {
                 tracing::debug!(error = %e, "batch insert failed; storing its deliveries one by one");
-                let mut undone = sqlx::query("ROLLBACK TO bulk").execute(&mut *tx).await;
-                if undone.is_ok() {
-                    undone = sqlx::query("RELEASE bulk").execute(&mut *tx).await;
+                // A statement may have failed after another went in: start over.
+                if let Err(undo) = tx.rollback().await {
+                    return BatchOutcome::failed(batch, &format!("{e}; then {undo}"));
                 }
-                if let Err(undo) = undone {
-                    return failed(&format!("{e}; then {undo}"));
-                }
+                tx = match begin().await {
+                    Ok(tx) => tx,
+                    Err(e) => return BatchOutcome::failed(batch, &e),
+                };
             }
         }
     }
-    for (p, slot) in batch.iter().zip(outcomes.iter_mut()) {
-        if slot.is_some() {
-            continue;
-        }
-        if let Err(e) = sqlx::query("SAVEPOINT delivery").execute(&mut *tx).await {
-            return failed(&e);
-        }
-        match insert_delivery(&mut tx, &p.delivery, &p.runs).await {
-            Ok(outcome) => {
-                if let Err(e) = sqlx::query("RELEASE delivery").execute(&mut *tx).await {
-                    return failed(&e);
-                }
-                *slot = Some(Ok(outcome));
+    // Each write below in a savepoint of its own: `Err` from `saved` means the
+    // transaction can no longer be trusted, and nothing of the batch is.
+    for (p, slot) in batch.deliveries.iter().zip(deliveries.iter_mut()) {
+        if slot.is_none() {
+            let outcome = match savepoint(&mut tx).await {
+                Ok(()) => insert_delivery(&mut tx, &p.delivery, &p.runs).await,
+                Err(e) => return BatchOutcome::failed(batch, &e),
+            };
+            match saved(&mut tx, outcome).await {
+                Ok(outcome) => *slot = Some(outcome),
+                Err(e) => return BatchOutcome::failed(batch, &e),
             }
-            Err(e) => {
-                // Undo this delivery only. If even that fails, SQLite may have rolled the
-                // whole transaction back: nothing in the batch is trusted then.
-                let mut undone = sqlx::query("ROLLBACK TO delivery").execute(&mut *tx).await;
-                if undone.is_ok() {
-                    undone = sqlx::query("RELEASE delivery").execute(&mut *tx).await;
-                }
-                if let Err(undo) = undone {
-                    return failed(&format!("{e}; then {undo}"));
-                }
-                *slot = Some(Err(e));
-            }
+        }
+    }
+    let mut finishes = Vec::with_capacity(batch.finishes.len());
+    for f in &batch.finishes {
+        let outcome = match savepoint(&mut tx).await {
+            Ok(()) => finish_job(&mut tx, &f.job, &f.finish).await,
+            Err(e) => return BatchOutcome::failed(batch, &e),
+        };
+        match saved(&mut tx, outcome).await {
+            Ok(outcome) => finishes.push(outcome),
+            Err(e) => return BatchOutcome::failed(batch, &e),
+        }
+    }
+    let mut claims = Vec::with_capacity(batch.claims.len());
+    for c in &batch.claims {
+        let outcome = match savepoint(&mut tx).await {
+            Ok(()) => claim_job(&mut tx, c).await,
+            Err(e) => return BatchOutcome::failed(batch, &e),
+        };
+        match saved(&mut tx, outcome).await {
+            Ok(outcome) => claims.push(outcome),
+            Err(e) => return BatchOutcome::failed(batch, &e),
         }
     }
     if let Err(e) = tx.commit().await {
-        return failed(&e);
+        return BatchOutcome::failed(batch, &e);
     }
-    outcomes
-        .into_iter()
-        .map(|o| o.unwrap_or_else(|| Err(StoreError::Commit("not written".into()))))
-        .collect()
+    BatchOutcome {
+        deliveries: deliveries
+            .into_iter()
+            .map(|o| o.unwrap_or_else(|| Err(StoreError::Commit("not written".into()))))
+            .collect(),
+        finishes,
+        claims,
+    }
+}
+
+/// Opens the savepoint one write of a batch goes in.
+async fn savepoint(tx: &mut Transaction<'static, Sqlite>) -> Result<(), sqlx::Error> {
+    sqlx::query("SAVEPOINT write").execute(&mut **tx).await?;
+    Ok(())
+}
+
+/// Closes the savepoint of a write that ended with `outcome`: kept if it succeeded,
+/// undone if it failed. `Err` if even that fails: then SQLite may have rolled back the
+/// whole transaction.
+async fn saved<T>(
+    tx: &mut Transaction<'static, Sqlite>,
+    outcome: Result<T>,
+) -> Result<Result<T>, String> {
+    if outcome.is_err() {
+        if let Err(undo) = sqlx::query("ROLLBACK TO write").execute(&mut **tx).await {
+            let e = outcome.err().map(|e| e.to_string()).unwrap_or_default();
+            return Err(format!("{e}; then {undo}"));
+        }
+    }
+    match sqlx::query("RELEASE write").execute(&mut **tx).await {
+        Ok(_) => Ok(outcome),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 /// Inserts the deliveries `which` of a batch, their runs and their jobs with one
@@ -1420,6 +1439,121 @@ async fn insert_bulk(
             None => DeliveryOutcome::Duplicate,
         })
         .collect())
+}
+
+/// [`Store::claim`] inside the committer's transaction.
+async fn claim_job(
+    tx: &mut Transaction<'static, Sqlite>,
+    c: &PendingClaim,
+) -> Result<Option<ClaimedJob>> {
+    let now_ms = ms(c.now);
+    let lease_until = now_ms + c.lease.as_millis() as i64;
+    let row = sqlx::query(
+        "UPDATE jobs SET status = 'leased', lease_owner = ?1, lease_until = ?2,
+                    attempts = attempts + 1, updated_at = ?3
+             WHERE id = (
+                -- Every agent with open jobs (one index seek each), then each agent's
+                -- head of line; only a pending, due head can go. Work grows with the
+                -- number of agents, not with the length of their lines.
+                WITH RECURSIVE agents(agent_id) AS (
+                    SELECT (SELECT agent_id FROM jobs INDEXED BY jobs_line
+                            WHERE status IN ('pending', 'leased') ORDER BY agent_id LIMIT 1)
+                    UNION ALL
+                    SELECT (SELECT agent_id FROM jobs INDEXED BY jobs_line
+                            WHERE status IN ('pending', 'leased') AND agent_id > agents.agent_id
+                            ORDER BY agent_id LIMIT 1)
+                    FROM agents WHERE agents.agent_id IS NOT NULL),
+                heads(id) AS (
+                    SELECT (SELECT k.id FROM jobs k INDEXED BY jobs_line
+                            WHERE k.agent_id = agents.agent_id AND k.status IN ('pending', 'leased')
+                            ORDER BY k.cause_at, k.id LIMIT 1)
+                    FROM agents WHERE agents.agent_id IS NOT NULL)
+                SELECT j.id FROM heads CROSS JOIN jobs j ON j.id = heads.id
+                WHERE j.status = 'pending' AND j.next_attempt_at <= ?3
+                  -- A job caused earlier may have arrived while a later one was in flight.
+                  AND NOT EXISTS (
+                      SELECT 1 FROM jobs l INDEXED BY jobs_leased
+                      WHERE l.agent_id = j.agent_id AND l.status = 'leased'
+                        AND l.id != j.id AND l.lease_until > ?3)
+                ORDER BY j.next_attempt_at, j.id
+                LIMIT 1)
+             RETURNING id, run_id, agent_id, fields, guard, valid_until, attempts, created_at,
+                       (SELECT rule FROM rule_runs r WHERE r.id = run_id) AS rule",
+    )
+    .bind(&c.owner)
+    .bind(lease_until)
+    .bind(now_ms)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(r) = row else { return Ok(None) };
+    let guard: Option<String> = r.get("guard");
+    Ok(Some(ClaimedJob {
+        id: r.get("id"),
+        run_id: r.get("run_id"),
+        rule: r.get("rule"),
+        agent_id: r.get("agent_id"),
+        fields: serde_json::from_str(r.get::<&str, _>("fields"))?,
+        guard: guard.map(|g| serde_json::from_str(&g)).transpose()?,
+        valid_until: r.get::<Option<i64>, _>("valid_until").map(from_ms),
+        attempt: r.get::<i64, _>("attempts") as u32,
+        created_at: from_ms(r.get("created_at")),
+        lease_owner: c.owner.clone(),
+    }))
+}
+
+/// [`Store::finish`] inside the committer's transaction.
+async fn finish_job(
+    tx: &mut Transaction<'static, Sqlite>,
+    job: &ClaimedJob,
+    f: &Finish,
+) -> Result<bool> {
+    let updated = sqlx::query(
+        "UPDATE jobs SET status = ?, next_attempt_at = COALESCE(?, next_attempt_at),
+                    last_status = COALESCE(?, last_status), last_error = ?,
+                    request_id = COALESCE(?, request_id),
+                    lease_owner = NULL, lease_until = NULL, updated_at = ?
+             WHERE id = ? AND lease_owner = ? AND status = 'leased'",
+    )
+    .bind(f.status.as_str())
+    .bind(f.next_attempt_at.map(ms))
+    .bind(f.http_status.map(i64::from))
+    .bind(&f.error)
+    .bind(&f.request_id)
+    .bind(ms(f.finished_at))
+    .bind(job.id)
+    .bind(&job.lease_owner)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected();
+    if updated == 0 {
+        return Ok(false);
+    }
+    if f.attempted {
+        sqlx::query(
+            "INSERT INTO job_attempts (job_id, attempt, started_at, finished_at, http_status, request_id, outcome, error)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(job.id)
+        .bind(i64::from(job.attempt))
+        .bind(ms(f.started_at))
+        .bind(ms(f.finished_at))
+        .bind(f.http_status.map(i64::from))
+        .bind(&f.request_id)
+        .bind(f.status.as_str())
+        .bind(&f.error)
+        .execute(&mut **tx)
+        .await?;
+    } else {
+        // Nothing was sent: the claim's attempt count is given back.
+        sqlx::query("UPDATE jobs SET attempts = attempts - 1 WHERE id = ?")
+            .bind(job.id)
+            .execute(&mut **tx)
+            .await?;
+    }
+    if let Some(state) = &f.new_state {
+        upsert_state(tx, job.agent_id, state, "patch", f.finished_at).await?;
+    }
+    Ok(true)
 }
 
 /// Inserts a delivery and its runs and jobs inside the caller's transaction.

@@ -1,5 +1,6 @@
 //! The group committer's batches, driven directly: the bulk path, copies inside one
-//! batch, and the fallback to one savepoint per delivery when the bulk insert fails.
+//! batch, the fallback to one savepoint per delivery when the bulk insert fails, and the
+//! queue's claims and outcomes sharing a batch with deliveries.
 
 use super::*;
 use serde_json::json;
@@ -45,6 +46,42 @@ fn pending(d: NewDelivery, runs: Vec<NewRun>) -> PendingDelivery {
     }
 }
 
+fn deliveries(list: Vec<PendingDelivery>) -> Batch {
+    Batch {
+        deliveries: list,
+        ..Batch::default()
+    }
+}
+
+fn claim(owner: &str) -> PendingClaim {
+    let (reply, _) = oneshot::channel();
+    PendingClaim {
+        owner: owner.into(),
+        now: Utc::now(),
+        lease: Duration::from_secs(60),
+        reply,
+    }
+}
+
+fn finish(job: &ClaimedJob) -> PendingFinish {
+    let (reply, _) = oneshot::channel();
+    PendingFinish {
+        job: job.clone(),
+        finish: Finish {
+            status: JobStatus::Done,
+            next_attempt_at: None,
+            http_status: Some(200),
+            error: None,
+            request_id: Some("req-1".into()),
+            started_at: Utc::now(),
+            finished_at: Utc::now(),
+            new_state: Some(json!({"id": job.agent_id, "status": "inactive"})),
+            attempted: true,
+        },
+        reply,
+    }
+}
+
 async fn count(store: &Store, table: &str) -> i64 {
     let sql = match table {
         "deliveries" => "SELECT COUNT(*) FROM deliveries",
@@ -67,8 +104,9 @@ async fn a_batch_is_written_in_bulk_with_copies_as_duplicates() {
         pending(delivery("a", None), vec![run(&[1, 2])]),
         pending(delivery("c", None), vec![run(&[3])]),
     ];
-    let out: Vec<_> = commit_batch(&store.write, &batch)
+    let out: Vec<_> = commit_batch(&store.write, &deliveries(batch))
         .await
+        .deliveries
         .into_iter()
         .map(Result::unwrap)
         .collect();
@@ -106,12 +144,13 @@ async fn a_batch_is_written_in_bulk_with_copies_as_duplicates() {
     // A later batch with a stored key: duplicate.
     let again = commit_batch(
         &store.write,
-        &[
+        &deliveries(vec![
             pending(delivery("c", None), vec![run(&[3])]),
             pending(delivery("d", None), vec![]),
-        ],
+        ]),
     )
-    .await;
+    .await
+    .deliveries;
     assert_eq!(again[0].as_ref().unwrap(), &DeliveryOutcome::Duplicate);
     assert!(matches!(again[1], Ok(DeliveryOutcome::Accepted { .. })));
 }
@@ -133,7 +172,9 @@ async fn one_refused_delivery_falls_back_to_one_savepoint_each() {
         pending(delivery("ok-2", None), vec![run(&[3])]),
         pending(delivery("timed", Some(Utc::now())), vec![run(&[4])]),
     ];
-    let out = commit_batch(&store.write, &batch).await;
+    let out = commit_batch(&store.write, &deliveries(batch))
+        .await
+        .deliveries;
     assert!(
         matches!(out[0], Ok(DeliveryOutcome::Accepted { jobs: 1, .. })),
         "{out:?}"
@@ -150,4 +191,127 @@ async fn one_refused_delivery_falls_back_to_one_savepoint_each() {
     assert_eq!(count(&store, "deliveries").await, 3);
     assert_eq!(count(&store, "rule_runs").await, 3);
     assert_eq!(count(&store, "jobs").await, 3);
+}
+
+#[tokio::test]
+async fn claims_and_outcomes_share_a_batch_with_deliveries() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("t.db")).await.unwrap();
+    // Two agents' jobs arrive in the same batch as three claims: the claims see them (the
+    // deliveries go first), one job per agent, and the third claim finds nothing.
+    let out = commit_batch(
+        &store.write,
+        &Batch {
+            deliveries: vec![
+                pending(delivery("a", None), vec![run(&[1])]),
+                pending(delivery("b", None), vec![run(&[2, 1])]),
+            ],
+            claims: vec![claim("w1"), claim("w2"), claim("w3")],
+            ..Batch::default()
+        },
+    )
+    .await;
+    assert!(
+        out.deliveries.iter().all(Result::is_ok),
+        "{:?}",
+        out.deliveries
+    );
+    let claimed: Vec<ClaimedJob> = out
+        .claims
+        .into_iter()
+        .map(Result::unwrap)
+        .take(2)
+        .map(Option::unwrap)
+        .collect();
+    let mut agents: Vec<i64> = claimed.iter().map(|j| j.agent_id).collect();
+    agents.sort();
+    assert_eq!(agents, vec![1, 2]);
+    let leased = store.jobs(Some("leased"), None).await.unwrap();
+    assert_eq!(leased.len(), 2);
+    // Agent 1's outcome and the next claim in one batch: the outcome goes first, so the
+    // claim finds agent 1's second job; the agent's new state is cached after the commit.
+    let first = claimed.iter().find(|j| j.agent_id == 1).unwrap();
+    let out = commit_batch(
+        &store.write,
+        &Batch {
+            finishes: vec![finish(first)],
+            claims: vec![claim("w1")],
+            ..Batch::default()
+        },
+    )
+    .await;
+    assert!(matches!(out.finishes[..], [Ok(true)]), "{:?}", out.finishes);
+    let next = out.claims.into_iter().next().unwrap().unwrap().unwrap();
+    assert_eq!(next.agent_id, 1);
+    assert_ne!(next.id, first.id);
+    assert_eq!(store.attempts(first.id).await.unwrap().len(), 1);
+    // The same outcome again: the lease is gone, nothing changes.
+    let out = commit_batch(
+        &store.write,
+        &Batch {
+            finishes: vec![finish(first)],
+            ..Batch::default()
+        },
+    )
+    .await;
+    assert!(
+        matches!(out.finishes[..], [Ok(false)]),
+        "{:?}",
+        out.finishes
+    );
+    assert_eq!(store.attempts(first.id).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn an_outcome_goes_through_the_committer_and_updates_the_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("t.db")).await.unwrap();
+    store
+        .record_delivery(&delivery("a", None), &[run(&[7])])
+        .await
+        .unwrap();
+    assert_eq!(store.agent_state(7).await.unwrap(), None);
+    let job = store
+        .claim("w", Utc::now(), Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(job.agent_id, 7);
+    let f = finish(&job).finish;
+    assert!(store.finish(&job, &f).await.unwrap());
+    assert_eq!(store.agent_state(7).await.unwrap(), f.new_state);
+    let row = store.job(job.id).await.unwrap().unwrap();
+    assert_eq!(row.status, "done");
+}
+
+#[tokio::test]
+async fn a_claim_that_cannot_be_decoded_leaves_the_job_unleased() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("t.db")).await.unwrap();
+    store
+        .record_delivery(&delivery("a", None), &[run(&[1])])
+        .await
+        .unwrap();
+    sqlx::query("UPDATE jobs SET fields = 'not json'")
+        .execute(&store.write)
+        .await
+        .unwrap();
+    let out = commit_batch(
+        &store.write,
+        &Batch {
+            deliveries: vec![pending(delivery("b", None), vec![])],
+            claims: vec![claim("w1")],
+            ..Batch::default()
+        },
+    )
+    .await;
+    assert!(out.claims[0].is_err(), "{:?}", out.claims[0].as_ref().err());
+    // Its savepoint was undone: the job is not leased (no lost attempt later), and the
+    // delivery in the same batch committed.
+    assert!(store.jobs(Some("leased"), None).await.unwrap().is_empty());
+    assert!(matches!(
+        out.deliveries[0],
+        Ok(DeliveryOutcome::Accepted { .. })
+    ));
+    assert_eq!(count(&store, "deliveries").await, 2);
 }

@@ -107,20 +107,21 @@ async fn jobs_cli_lists_retries_and_discards_beside_a_running_daemon() {
     assert_eq!(t.post_json("convirza", &body).await.status(), 202);
     t.settle().await;
     let db = t.db_path();
+    // Awaited, not blocking: the daemon runs on this test's single runtime thread, and
+    // a write of its caught mid-transaction would hold the lock until the CLI gave up.
     let run = |args: &[&str]| {
-        let out = autopilot()
-            .args(args)
-            .arg("--db")
-            .arg(&db)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
+        let mut cmd = tokio::process::Command::from(autopilot());
+        cmd.args(args).arg("--db").arg(&db);
+        async move {
+            let out = cmd.output().await.unwrap();
+            (
+                out.status.code(),
+                String::from_utf8_lossy(&out.stdout).to_string(),
+                String::from_utf8_lossy(&out.stderr).to_string(),
+            )
+        }
     };
-    let (code, out, _) = run(&["jobs", "list", "--status", "dead", "--json"]);
+    let (code, out, _) = run(&["jobs", "list", "--status", "dead", "--json"]).await;
     assert_eq!(code, Some(0));
     let dead: Vec<serde_json::Value> = out
         .lines()
@@ -130,7 +131,7 @@ async fn jobs_cli_lists_retries_and_discards_beside_a_running_daemon() {
     assert_eq!(dead[0]["last_status"], 404);
     let id = dead[0]["id"].as_i64().unwrap().to_string();
 
-    let (code, out, _) = run(&["jobs", "list"]);
+    let (code, out, _) = run(&["jobs", "list"]).await;
     assert_eq!(code, Some(0));
     assert!(
         out.contains("dead") && out.contains("note hot leads") && out.contains("1 job(s)"),
@@ -138,7 +139,7 @@ async fn jobs_cli_lists_retries_and_discards_beside_a_running_daemon() {
     );
 
     // Retry: the running daemon picks it up again (and it dies again: still a 404).
-    let (code, out, err) = run(&["jobs", "retry", &id]);
+    let (code, out, err) = run(&["jobs", "retry", &id]).await;
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("back in line"));
     eventually("the retried job is sent again", || async {
@@ -153,19 +154,19 @@ async fn jobs_cli_lists_retries_and_discards_beside_a_running_daemon() {
         .unwrap();
     assert_eq!(attempts.len(), 2, "both attempts stay in the audit");
 
-    let (code, _, err) = run(&["jobs", "discard", &id]);
+    let (code, _, err) = run(&["jobs", "discard", &id]).await;
     assert_eq!(code, Some(0), "{err}");
-    let (code, out, _) = run(&["jobs", "list", "--status", "discarded", "--json"]);
+    let (code, out, _) = run(&["jobs", "list", "--status", "discarded", "--json"]).await;
     assert_eq!((code, out.lines().count()), (Some(0), 1));
 
     // Clear refusals.
-    let (code, _, err) = run(&["jobs", "retry", "4242"]);
+    let (code, _, err) = run(&["jobs", "retry", "4242"]).await;
     assert_eq!(code, Some(1));
     assert!(err.contains("no job 4242"), "{err}");
-    let (code, _, err) = run(&["jobs", "list", "--status", "deadd"]);
+    let (code, _, err) = run(&["jobs", "list", "--status", "deadd"]).await;
     assert_eq!(code, Some(1));
     assert!(err.contains("unknown job status \"deadd\""), "{err}");
-    let (code, out, _) = run(&["jobs", "retry", "--all-dead"]);
+    let (code, out, _) = run(&["jobs", "retry", "--all-dead"]).await;
     assert_eq!(code, Some(0));
     assert!(out.contains("0 dead job(s)"), "{out}");
 }
