@@ -20,11 +20,13 @@
 #      hook whose trigger rule is payload-hmac-sha256, running /bin/true, answering 200);
 #   4. checks with curl that a signed request gets a 2xx and a badly signed one is
 #      refused, by both;
-#   5. measures (a) max throughput: wrk -t$THREADS -c$CONNS -d$DURATION --latency, and
-#      (b) a fixed rate: RATE req/s over RATE_CONNS connections, paced by a Lua delay()
-#      (Debian's wrk 4.1 has no -R); each autopilot phase on a fresh database. After each
-#      autopilot run it counts the stored deliveries and compares them with the 2xx wrk
-#      saw;
+#   5. measures (a) max throughput: wrk -t$THREADS -c$CONNS -d$DURATION --latency,
+#      (b) for autopilot also max throughput storing only: the same deliveries with a rule
+#      that matches nothing (authenticated, deduplicated, evaluated and committed, but no
+#      run and no job: the counterpart of webhook's no-op command), and (c) a fixed rate:
+#      RATE req/s over RATE_CONNS connections, paced by a Lua delay() (Debian's wrk 4.1
+#      has no -R); each autopilot phase on a fresh database. After each autopilot run it
+#      counts the stored deliveries and compares them with the 2xx wrk saw;
 #   6. prints a Markdown table, the autopilot/webhook throughput ratio, the targets
 #      (>= 3x webhook's throughput; p99 < 25 ms at 1,000 req/s) and the CPU each process
 #      used during each run (the machine has few cores: wrk, the receiver and the
@@ -199,6 +201,13 @@ webhook = { source = "bench", match = { "/event" = "post_call" } }
 agent = "/ai_voice_agent_id"
 set = { more_information = "benchmark delivery" }
 EOF
+
+# The same, with a rule that matches nothing: every delivery is still authenticated,
+# deduplicated, evaluated and committed, but causes no run and no job (the closest
+# counterpart of webhook's no-op command).
+sed 's|match = { "/event" = "post_call" }|match = { "/event" = "no such event" }|' \
+  "$TMP/autopilot.toml" >"$TMP/autopilot-store.toml"
+grep -q '"no such event"' "$TMP/autopilot-store.toml" || die "could not write the storing-only config"
 
 cat >"$TMP/hooks.json" <<EOF
 [
@@ -387,9 +396,9 @@ wait_http "http://127.0.0.1:$SIM_PORT/_sim/agents/101" "autopilot sim" "$SIM_PID
   || { cat "$TMP/check.log" >&2; die "autopilot check refused the bench config"; }
 
 AP_PID=
-start_autopilot() { # phase
+start_autopilot() { # phase [config]
   mkdir -p "$TMP/$1"
-  (cd "$TMP/$1" && exec "$BIN" --log-format json serve --config "$TMP/autopilot.toml") >"$TMP/$1/autopilot.log" 2>&1 &
+  (cd "$TMP/$1" && exec "$BIN" --log-format json serve --config "${2:-$TMP/autopilot.toml}") >"$TMP/$1/autopilot.log" 2>&1 &
   AP_PID=$!
   PIDS+=("$AP_PID")
   wait_http "http://127.0.0.1:$AP_PORT/readyz" "autopilot" "$AP_PID"
@@ -578,6 +587,13 @@ run_wrk ap_max "$AP_URL" "$TMP/max.reqs" "$N" "$CONNS" "$DURATION"
 check_autopilot_run ap_max max "$before"
 stop_autopilot
 
+log "autopilot: storing only (the rule matches nothing), fresh database"
+start_autopilot store "$TMP/autopilot-store.toml"
+read -r before _ < <(db_counts store)
+run_wrk ap_store "$AP_URL" "$TMP/max.reqs" "$N" "$CONNS" "$DURATION"
+check_autopilot_run ap_store store "$before"
+stop_autopilot
+
 log "autopilot: fixed rate, fresh database"
 start_autopilot rate
 read -r before _ < <(db_counts rate)
@@ -627,6 +643,7 @@ echo
 echo "| receiver | req/s | p50 | p99 | notes |"
 echo "|---|---|---|---|---|"
 row ap_max "autopilot, max (-c$CONNS, $DURATION)" "${R[ap_max.durability]:-}; stored/s by 5 s slice: ${R[ap_max.slices]:-}; jobs done by the end: ${R[ap_max.jobs_done]:-?} of ${R[ap_max.jobs]:-?}"
+row ap_store "autopilot storing only, max (-c$CONNS, $DURATION)" "${R[ap_store.durability]:-}; the rule matches nothing: no runs, no jobs"
 row wh_max "webhook, max (-c$CONNS, $DURATION)" "runs /bin/true per delivery in a goroutine after answering, stores nothing; still running them ${R[wh_max.drain]:-?} s after wrk stopped"
 row ap_rate "autopilot, $RATE req/s target (-c$RATE_CONNS, $RATE_DURATION)" "${R[ap_rate.durability]:-}; stored/s by 5 s slice: ${R[ap_rate.slices]:-}; jobs done by the end: ${R[ap_rate.jobs_done]:-?} of ${R[ap_rate.jobs]:-?}"
 row wh_rate "webhook, $RATE req/s target (-c$RATE_CONNS, $RATE_DURATION)" "runs /bin/true per delivery in a goroutine after answering, stores nothing; started idle"
@@ -635,6 +652,10 @@ if [[ -n ${R[wh_max.rps]:-} ]]; then
   ratio=$(awk -v a="${R[ap_max.rps]}" -v w="${R[wh_max.rps]}" 'BEGIN { printf "%.2f", a / w }')
   echo "Throughput ratio autopilot / webhook: **$ratio**"
   echo
+  if [[ -n ${R[ap_store.rps]:-} ]]; then
+    echo "Storing only (no rule matches) / webhook: $(awk -v a="${R[ap_store.rps]}" -v w="${R[wh_max.rps]}" 'BEGIN { printf "%.2f", a / w }')"
+    echo
+  fi
   awk -v r="$ratio" 'BEGIN { exit !(r >= 3) }' && t="met" || t="NOT met"
   echo "- target >= 3x webhook's throughput, every 2xx committed with synchronous=FULL: $t"
 fi

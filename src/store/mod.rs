@@ -71,7 +71,7 @@ pub struct Store {
     /// To the group committer, which writes every delivery and every claim and outcome
     /// of a queue job.
     writes: mpsc::Sender<Write>,
-    /// Transactions the group committer made, and deliveries they held.
+    /// The group committer's transactions, the deliveries they held, its busy time.
     ingest_stats: Arc<IngestStats>,
     /// Each agent's last known state as stored (`None`: none stored), read on every
     /// webhook. This process is the only writer of `agent_states` (one daemon per
@@ -86,6 +86,7 @@ const STATE_CACHE_MAX: usize = 100_000;
 
 #[derive(Debug, Default)]
 pub struct IngestStats {
+    /// Transactions of the group committer that held deliveries and committed.
     pub commits: AtomicU64,
     pub deliveries: AtomicU64,
     /// Time spent writing batches (deliveries and the queue's claims and outcomes), from
@@ -1132,6 +1133,8 @@ struct Batch {
 
 /// One outcome per write of a [`Batch`], in its order.
 struct BatchOutcome {
+    /// The transaction committed (some writes in it may still have failed alone).
+    committed: bool,
     deliveries: Vec<Result<DeliveryOutcome>>,
     finishes: Vec<Result<bool>>,
     claims: Vec<Result<Option<ClaimedJob>>>,
@@ -1142,6 +1145,7 @@ impl BatchOutcome {
     fn failed(batch: &Batch, e: &dyn std::fmt::Display) -> BatchOutcome {
         let err = || StoreError::Commit(e.to_string());
         BatchOutcome {
+            committed: false,
             deliveries: batch.deliveries.iter().map(|_| Err(err())).collect(),
             finishes: batch.finishes.iter().map(|_| Err(err())).collect(),
             claims: batch.claims.iter().map(|_| Err(err())).collect(),
@@ -1183,11 +1187,14 @@ async fn group_commit(
             .iter()
             .filter(|o| matches!(o, Ok(DeliveryOutcome::Accepted { .. })))
             .count();
-        if out.deliveries.iter().any(Result::is_ok) {
-            stats.commits.fetch_add(1, Ordering::Relaxed);
-            stats
-                .deliveries
-                .fetch_add(accepted as u64, Ordering::Relaxed);
+        if out.committed {
+            if !batch.deliveries.is_empty() {
+                stats.commits.fetch_add(1, Ordering::Relaxed);
+                stats
+                    .deliveries
+                    .fetch_add(accepted as u64, Ordering::Relaxed);
+            }
+            // The writer works: deliveries can be stored.
             stats.last_ok.store(unix_ms(), Ordering::Relaxed);
         }
         if out.deliveries.iter().any(Result::is_err) {
@@ -1289,6 +1296,7 @@ async fn commit_batch(pool: &SqlitePool, batch: &Batch) -> BatchOutcome {
         return BatchOutcome::failed(batch, &e);
     }
     BatchOutcome {
+        committed: true,
         deliveries: deliveries
             .into_iter()
             .map(|o| o.unwrap_or_else(|| Err(StoreError::Commit("not written".into()))))
@@ -1486,17 +1494,18 @@ async fn claim_job(
     .fetch_optional(&mut **tx)
     .await?;
     let Some(r) = row else { return Ok(None) };
-    let guard: Option<String> = r.get("guard");
+    // `try_get`, not `get`: a panic here would stop the committer, and with it every write.
+    let guard: Option<String> = r.try_get("guard")?;
     Ok(Some(ClaimedJob {
-        id: r.get("id"),
-        run_id: r.get("run_id"),
-        rule: r.get("rule"),
-        agent_id: r.get("agent_id"),
-        fields: serde_json::from_str(r.get::<&str, _>("fields"))?,
+        id: r.try_get("id")?,
+        run_id: r.try_get("run_id")?,
+        rule: r.try_get("rule")?,
+        agent_id: r.try_get("agent_id")?,
+        fields: serde_json::from_str(r.try_get::<&str, _>("fields")?)?,
         guard: guard.map(|g| serde_json::from_str(&g)).transpose()?,
-        valid_until: r.get::<Option<i64>, _>("valid_until").map(from_ms),
-        attempt: r.get::<i64, _>("attempts") as u32,
-        created_at: from_ms(r.get("created_at")),
+        valid_until: r.try_get::<Option<i64>, _>("valid_until")?.map(from_ms),
+        attempt: r.try_get::<i64, _>("attempts")? as u32,
+        created_at: from_ms(r.try_get("created_at")?),
         lease_owner: c.owner.clone(),
     }))
 }
