@@ -315,3 +315,46 @@ async fn a_claim_that_cannot_be_decoded_leaves_the_job_unleased() {
     ));
     assert_eq!(count(&store, "deliveries").await, 2);
 }
+
+#[tokio::test]
+async fn bulk_statements_pad_odd_sizes_and_split_long_lists() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("t.db")).await.unwrap();
+    // Three deliveries (padded to four rows), one of them with a run of 300 jobs (two
+    // statements: 256, then 44 padded to 64).
+    let many: Vec<i64> = (1..=300).collect();
+    let batch = vec![
+        pending(delivery("x", None), vec![run(&[1])]),
+        pending(delivery("y", None), vec![run(&many)]),
+        pending(delivery("z", None), vec![]),
+    ];
+    let out: Vec<_> = commit_batch(&store.write, &deliveries(batch))
+        .await
+        .deliveries
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let jobs: Vec<usize> = out
+        .iter()
+        .map(|o| match o {
+            DeliveryOutcome::Accepted { jobs, .. } => *jobs,
+            DeliveryOutcome::Duplicate => usize::MAX,
+        })
+        .collect();
+    assert_eq!(jobs, vec![1, 300, 0]);
+    assert_eq!(count(&store, "deliveries").await, 3);
+    assert_eq!(count(&store, "rule_runs").await, 2);
+    assert_eq!(count(&store, "jobs").await, 301);
+    // No padding row slipped in, and every job of y hangs off y's run.
+    let runs = store.runs(None).await.unwrap();
+    let DeliveryOutcome::Accepted { delivery_id: y, .. } = out[1] else {
+        unreachable!()
+    };
+    let run_y = runs.iter().find(|r| r.delivery_id == Some(y)).unwrap();
+    let of_y = sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM jobs WHERE run_id = ?")
+        .bind(run_y.id)
+        .fetch_one(&store.read)
+        .await
+        .unwrap();
+    assert_eq!(of_y, 300);
+}
