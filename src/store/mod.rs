@@ -92,8 +92,9 @@ pub struct IngestStats {
     /// Time spent writing batches (deliveries and the queue's claims and outcomes), from
     /// asking for the writer to the end of the commit.
     pub busy_micros: AtomicU64,
-    /// Wall-clock milliseconds of the last batch that committed, and of the last one in
-    /// which some delivery could not be stored (0: never).
+    /// Wall-clock milliseconds of the last batch in which some delivery was answered
+    /// (stored or a duplicate), and of the last one in which some delivery could not be
+    /// stored (0: never).
     pub last_ok: AtomicU64,
     pub last_failure: AtomicU64,
 }
@@ -438,8 +439,8 @@ impl Store {
         }
     }
 
-    /// Is storing deliveries failing right now? The error answer of the last batch, if
-    /// it came after the last batch that committed and within the last minute.
+    /// Is storing deliveries failing right now? A delivery's error answer, if it came
+    /// after the last delivery answered without one and within the last minute.
     pub fn ingest_failing(&self) -> bool {
         let failure = self.ingest_stats.last_failure.load(Ordering::Relaxed);
         let ok = self.ingest_stats.last_ok.load(Ordering::Relaxed);
@@ -1337,7 +1338,7 @@ const BULK_ROWS: usize = 256;
 
 /// `INSERT … SELECT` from a `VALUES` list of `rows` rows of `cols` parameters, the last of
 /// each row its place in the batch (inserted in that order). The list is padded with NULL
-/// rows, which `filter` leaves out, up to a power of two: a few statement shapes cover
+/// rows, which the `WHERE` leaves out, up to a power of two: a few statement shapes cover
 /// every batch size and stay prepared in the connection's statement cache. Built from
 /// constants and counts only: every value travels as a parameter.
 fn bulk_sql(insert: &str, select: &str, cols: usize, rows: usize, tail: &str) -> String {

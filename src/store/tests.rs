@@ -358,3 +358,30 @@ async fn bulk_statements_pad_odd_sizes_and_split_long_lists() {
         .unwrap();
     assert_eq!(of_y, 300);
 }
+
+#[tokio::test]
+async fn of_two_copies_in_one_batch_the_first_is_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&dir.path().join("t.db")).await.unwrap();
+    let mut second = delivery("a", None);
+    second.payload = json!({"call_id": "a", "copy": 2});
+    let batch = vec![
+        pending(delivery("b", None), vec![]),
+        pending(delivery("a", None), vec![]),
+        pending(second, vec![]),
+    ];
+    let out = commit_batch(&store.write, &deliveries(batch))
+        .await
+        .deliveries;
+    assert!(
+        matches!(out[1], Ok(DeliveryOutcome::Accepted { .. })),
+        "{out:?}"
+    );
+    assert!(matches!(out[2], Ok(DeliveryOutcome::Duplicate)), "{out:?}");
+    let stored: String =
+        sqlx::query_scalar("SELECT payload FROM deliveries WHERE dedupe_key = 'id:a'")
+            .fetch_one(&store.read)
+            .await
+            .unwrap();
+    assert_eq!(stored, json!({"call_id": "a"}).to_string());
+}
