@@ -652,39 +652,42 @@ impl Store {
                 break;
             }
         }
-        loop {
-            let n = sqlx::query(
+        pruned.runs = self
+            .delete_in_batches(
                 "DELETE FROM rule_runs WHERE id IN (
                     SELECT r.id FROM rule_runs r WHERE r.created_at < ?1
                       AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.run_id = r.id)
                     LIMIT 500)",
+                cutoff,
             )
-            .bind(cutoff)
-            .execute(&self.write)
-            .await?
-            .rows_affected();
-            pruned.runs += n;
-            if n == 0 {
-                break;
-            }
-        }
-        loop {
-            let n = sqlx::query(
+            .await?;
+        pruned.deliveries = self
+            .delete_in_batches(
                 "DELETE FROM deliveries WHERE id IN (
                     SELECT d.id FROM deliveries d WHERE d.received_at < ?1
                       AND NOT EXISTS (SELECT 1 FROM rule_runs r WHERE r.delivery_id = d.id)
                     LIMIT 500)",
+                cutoff,
             )
-            .bind(cutoff)
-            .execute(&self.write)
-            .await?
-            .rows_affected();
-            pruned.deliveries += n;
+            .await?;
+        Ok(pruned)
+    }
+
+    /// Runs a `DELETE … LIMIT 500` bound to `cutoff` until it deletes nothing; the rows
+    /// deleted in all.
+    async fn delete_in_batches(&self, sql: &'static str, cutoff: i64) -> Result<u64> {
+        let mut deleted = 0;
+        loop {
+            let n = sqlx::query(sql)
+                .bind(cutoff)
+                .execute(&self.write)
+                .await?
+                .rows_affected();
+            deleted += n;
             if n == 0 {
-                break;
+                return Ok(deleted);
             }
         }
-        Ok(pruned)
     }
 
     pub async fn delivery_count(&self, source: &str) -> Result<i64> {
@@ -1349,6 +1352,18 @@ fn bulk_sql(insert: &str, select: &str, cols: usize, rows: usize, tail: &str) ->
     )
 }
 
+/// Binds the NULL rows that pad a [`bulk_sql`] list of `rows` rows up to its power of two.
+fn pad(
+    mut q: sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments>,
+    rows: usize,
+    cols: usize,
+) -> sqlx::query::Query<'_, Sqlite, sqlx::sqlite::SqliteArguments> {
+    for _ in 0..(rows.next_power_of_two() - rows) * cols {
+        q = q.bind(None::<i64>);
+    }
+    q
+}
+
 /// Inserts the deliveries `which` of a batch, their runs and their jobs with one
 /// statement each (per [`BULK_ROWS`] rows): the cost per delivery is a few microseconds,
 /// not a round trip to SQLite's thread per row. Outcomes in the order of `which`. Two
@@ -1379,13 +1394,7 @@ async fn insert_bulk(
                 .bind(d.payload.to_string())
                 .bind(n as i64);
         }
-        for _ in chunk.len()..chunk.len().next_power_of_two() {
-            q = q.bind(None::<String>);
-            for _ in 0..5 {
-                q = q.bind(None::<i64>);
-            }
-        }
-        for r in q.fetch_all(&mut **tx).await? {
+        for r in pad(q, chunk.len(), 6).fetch_all(&mut **tx).await? {
             ids.insert(
                 (r.try_get("source")?, r.try_get("dedupe_key")?),
                 r.try_get("id")?,
@@ -1426,13 +1435,7 @@ async fn insert_bulk(
                 .bind(ms(*received_at))
                 .bind(n as i64);
         }
-        for _ in chunk.len()..chunk.len().next_power_of_two() {
-            q = q.bind(None::<String>);
-            for _ in 0..7 {
-                q = q.bind(None::<i64>);
-            }
-        }
-        for r in q.fetch_all(&mut **tx).await? {
+        for r in pad(q, chunk.len(), 8).fetch_all(&mut **tx).await? {
             run_ids.insert(
                 (r.try_get("delivery_id")?, r.try_get("rule")?),
                 r.try_get("id")?,
@@ -1482,12 +1485,7 @@ async fn insert_bulk(
                 .bind(ms(*now))
                 .bind(n as i64);
         }
-        for _ in chunk.len()..chunk.len().next_power_of_two() {
-            for _ in 0..8 {
-                q = q.bind(None::<i64>);
-            }
-        }
-        q.execute(&mut **tx).await?;
+        pad(q, chunk.len(), 8).execute(&mut **tx).await?;
     }
     Ok(accepted
         .into_iter()
